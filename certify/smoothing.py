@@ -1,0 +1,274 @@
+"""The smoothed classifier: Monte Carlo counts of a base classifier under Gaussian noise.
+
+Reproducibility: the noise of every input is a pure function of ``(seed, example_id,
+sample index)``. Each input's n samples are cut into fixed chunks of ``NOISE_CHUNK`` samples
+and every chunk is drawn from a generator seeded by a hash of ``(seed, example_id, chunk)``,
+so the counts of an input do not depend on the batch size, on the other inputs of the call or
+on the process that handles it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from certify.radius import certified_radius
+from certify.bounds import simuem_bounds
+from certify.validation import check_alpha, check_sigma, check_top_k
+
+NOISE_CHUNK = 128
+DEFAULT_BATCH_SIZE = 1000
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(z: int) -> int:
+    """SplitMix64 finaliser: a bijective scramble of a 64-bit integer."""
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def chunk_seed(seed: int, example_id: int, chunk: int) -> int:
+    """Seed of one chunk of one input's noise stream (a 63-bit integer)."""
+    return _mix64(_mix64(_mix64(seed & _MASK64) ^ (example_id & _MASK64)) ^ chunk) >> 1
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+class SmoothedClassifier:
+    """Randomized smoothing of a base classifier ``model`` with noise N(0, sigma^2 I).
+
+    Args:
+        model: base classifier mapping ``(B, *input_shape)`` inputs in [0, 1] pixel space to
+            ``(B, num_classes)`` scores. Its first module should normalise, so that the noise
+            is added before normalisation.
+        num_classes: number of labels c.
+        sigma: standard deviation of the Gaussian noise, in input (pixel) units.
+        autocast_dtype: optional reduced precision for the forward pass (e.g.
+            ``torch.bfloat16``). The noise is always drawn in float32 or wider.
+
+    Example:
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+        >>> smoothed = SmoothedClassifier(model, num_classes=3, sigma=0.25)
+        >>> counts = smoothed.sample_counts(torch.rand(2, 4), n=100, seed=0)
+        >>> counts.shape, counts.sum(dim=1).tolist()
+        (torch.Size([2, 3]), [100, 100])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        sigma: float,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        self.model = model
+        self.num_classes = num_classes
+        self.sigma = check_sigma(sigma)
+        self.autocast_dtype = autocast_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return _model_device(self.model)
+
+    # ------------------------------------------------------------------ sampling
+    def _check_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim < 2:
+            raise ValueError(f"x must have shape (B, *input_shape), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if not torch.isfinite(x).all():
+            raise ValueError("x contains NaN or infinite values")
+        return x
+
+    def _chunks(self, batch: int, n: int) -> Iterator[tuple[int, int, int]]:
+        """(input, chunk index, chunk length) for every chunk of every input, in order."""
+        full, rest = divmod(n, NOISE_CHUNK)
+        for b in range(batch):
+            for j in range(full):
+                yield b, j, NOISE_CHUNK
+            if rest:
+                yield b, full, rest
+
+    def _batches(self, batch: int, n: int, batch_size: int):
+        """Group chunks into forward batches of at most ``max(batch_size, NOISE_CHUNK)``."""
+        group, size = [], 0
+        for item in self._chunks(batch, n):
+            if group and size + item[2] > batch_size:
+                yield group, size
+                group, size = [], 0
+            group.append(item)
+            size += item[2]
+        if group:
+            yield group, size
+
+    @torch.inference_mode()
+    def sample_counts(
+        self,
+        x: torch.Tensor,
+        n: int,
+        batch_size: int | None = None,
+        seed: int | None = None,
+        example_ids: Sequence[int] | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Count the base classifier's predictions on ``n`` noisy copies of each input.
+
+        Args:
+            x: ``(B, *input_shape)`` float inputs in pixel space.
+            n: number of noisy samples per input.
+            batch_size: noisy samples per forward pass (several inputs share a batch when n is
+                small). Defaults to ``DEFAULT_BATCH_SIZE``.
+            seed: base seed. With a seed, each input's noise depends only on
+                ``(seed, example_id)``; without one, a seed is drawn from torch's global RNG.
+            example_ids: ``(B,)`` integer ids naming the inputs' noise streams (e.g. their
+                dataset indices); defaults to ``0..B-1``.
+
+        Returns:
+            ``(B, num_classes)`` int64 counts on the model's device; every row sums to n.
+        """
+        x = self._check_inputs(x)
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        ids = self._example_ids(example_ids, x.shape[0])
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+
+        device = self.device
+        x = x.to(device)
+        noise_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        x = x.to(noise_dtype)
+        c = self.num_classes
+        counts = torch.zeros(x.shape[0] * c, dtype=torch.int64, device=device)  # (B * c,)
+        capacity = max(batch_size, NOISE_CHUNK)
+        noisy = torch.empty((capacity, *x.shape[1:]), dtype=noise_dtype, device=device)
+        owner = torch.empty(capacity, dtype=torch.int64, device=device)  # input of each row
+        generator = torch.Generator(device=device)
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for group, size in self._batches(x.shape[0], n, batch_size):
+                offset = 0
+                for b, j, length in group:
+                    rows = slice(offset, offset + length)
+                    generator.manual_seed(chunk_seed(seed, ids[b], j))
+                    noisy[rows].normal_(0.0, self.sigma, generator=generator)  # (L, *shape)
+                    noisy[rows].add_(x[b])
+                    owner[rows] = b * c
+                    offset += length
+                for start in range(0, size, batch_size):
+                    stop = min(start + batch_size, size)
+                    predictions = self._predict_labels(noisy[start:stop])  # (m,)
+                    counts.index_add_(0, owner[start:stop] + predictions, self._ones(stop - start))
+        finally:
+            self.model.train(was_training)
+        return counts.view(x.shape[0], c)
+
+    def _ones(self, m: int) -> torch.Tensor:
+        ones = getattr(self, "_ones_cache", None)
+        if ones is None or ones.shape[0] < m or ones.device != self.device:
+            ones = torch.ones(max(m, NOISE_CHUNK), dtype=torch.int64, device=self.device)
+            self._ones_cache = ones
+        return ones[:m]
+
+    def _predict_labels(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.autocast_dtype is not None:
+            with torch.autocast(batch.device.type, dtype=self.autocast_dtype):
+                scores = self.model(batch)
+        else:
+            scores = self.model(batch)
+        if scores.ndim != 2 or scores.shape[1] != self.num_classes:
+            raise ValueError(
+                f"the model returned scores of shape {tuple(scores.shape)}, "
+                f"expected (batch, {self.num_classes})"
+            )
+        return scores.argmax(dim=1)
+
+    @staticmethod
+    def _example_ids(example_ids, batch: int) -> list[int]:
+        if example_ids is None:
+            return list(range(batch))
+        ids = example_ids.tolist() if isinstance(example_ids, torch.Tensor) else list(example_ids)
+        if len(ids) != batch or not all(isinstance(i, int) and i >= 0 for i in ids):
+            raise ValueError(f"example_ids must be {batch} non-negative integers, got {ids!r}")
+        return ids
+
+    # ------------------------------------------------------------------ decisions
+    def certify(
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor,
+        top_k: int | Sequence[int],
+        n: int,
+        alpha: float,
+        bounds: str = "simuem",
+        batch_size: int | None = None,
+        seed: int | None = None,
+        example_ids: Sequence[int] | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Certified top-k radius of ``labels`` for every k (CERTIFY of the paper).
+
+        Returns:
+            float64 ``(B, len(top_k))`` on the CPU; NaN where the label is not certified.
+        """
+        top_k = check_top_k(top_k, self.num_classes)
+        check_alpha(alpha)
+        labels = torch.as_tensor(labels)
+        if labels.shape != (x.shape[0],):
+            raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
+        if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
+            raise ValueError(f"labels must lie in 0..{self.num_classes - 1}, got {labels.tolist()}")
+        counts = self.sample_counts(x, n, batch_size, seed, example_ids)
+        return certified_radius(counts.cpu(), labels.cpu(), top_k, self.sigma, alpha, bounds)
+
+    def predict(
+        self,
+        x: torch.Tensor,
+        k: int,
+        n: int,
+        alpha: float,
+        batch_size: int | None = None,
+        seed: int | None = None,
+        example_ids: Sequence[int] | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The top-k label set of the smoothed classifier, or a row of -1 (abstain).
+
+        All c labels get simultaneous one-sided Clopper-Pearson bounds at level alpha / c; the
+        k most frequent labels are returned only when the smallest lower bound among them
+        exceeds the largest upper bound outside them. A wrong set needs a lower bound of a
+        label outside the true top-k or an upper bound of one inside it to fail: c one-sided
+        events of probability alpha / c each, so the set is wrong with probability <= alpha.
+
+        Returns:
+            int64 ``(B, k)`` on the CPU, labels ordered by decreasing count.
+        """
+        (k,) = check_top_k(k, self.num_classes)
+        check_alpha(alpha)
+        counts = self.sample_counts(x, n, batch_size, seed, example_ids).cpu()
+        return top_k_set(counts, k, alpha)
+
+
+def top_k_set(counts: torch.Tensor, k: int, alpha: float) -> torch.Tensor:
+    """PREDICT from counts: the top-k labels when simultaneously separated, else -1s."""
+    lower, upper = (torch.from_numpy(b) for b in simuem_bounds(counts, alpha))
+    order = torch.as_tensor(counts).argsort(dim=1, descending=True, stable=True)  # (B, c)
+    inside, outside = order[:, :k], order[:, k:]
+    separated = lower.gather(1, inside).min(dim=1).values > upper.gather(1, outside).max(
+        dim=1
+    ).values  # (B,)
+    return torch.where(separated[:, None], inside, torch.full_like(inside, -1))

@@ -1,0 +1,79 @@
+"""Argument checks shared by the certification code: one ``ValueError`` naming the bad value."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def to_numpy(x) -> np.ndarray:
+    """A NumPy view of an array-like or a torch tensor on any device."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def check_alpha(alpha: float, name: str = "alpha") -> float:
+    if not isinstance(alpha, (int, float, np.floating)) or not 0.0 < float(alpha) < 1.0:
+        raise ValueError(f"{name} must lie strictly between 0 and 1, got {alpha!r}")
+    return float(alpha)
+
+
+def check_sigma(sigma: float) -> float:
+    ok = isinstance(sigma, (int, float, np.floating)) and math.isfinite(sigma) and sigma > 0
+    if not ok:
+        raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+    return float(sigma)
+
+
+def check_counts(counts) -> np.ndarray:
+    """Counts as an int64 ``(B, c)`` array with c >= 2, no negatives and positive row sums."""
+    arr = to_numpy(counts)
+    if arr.ndim != 2:
+        raise ValueError(f"counts must have shape (B, c), got shape {tuple(arr.shape)}")
+    if arr.shape[1] < 2:
+        raise ValueError(f"counts need at least 2 classes, got c = {arr.shape[1]}")
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"counts must be integers, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64, copy=False)
+    if arr.size and arr.min() < 0:
+        row = int(np.argwhere(arr < 0)[0, 0])
+        raise ValueError(f"counts must be >= 0, row {row} has {arr[row].min()}")
+    empty = np.flatnonzero(arr.sum(axis=1) == 0)
+    if empty.size:
+        raise ValueError(f"counts of row {int(empty[0])} sum to 0: no samples to bound")
+    return arr
+
+
+def check_labels(labels, batch: int, num_classes: int) -> np.ndarray:
+    arr = to_numpy(labels)
+    if arr.shape != (batch,):
+        raise ValueError(f"labels must have shape ({batch},), got {tuple(arr.shape)}")
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {arr.dtype}")
+    bad = np.flatnonzero((arr < 0) | (arr >= num_classes))
+    if bad.size:
+        raise ValueError(
+            f"label {int(arr[bad[0]])} of row {int(bad[0])} is outside 0..{num_classes - 1}"
+        )
+    return arr.astype(np.int64, copy=False)
+
+
+def check_top_k(top_k: int | Sequence[int], num_classes: int) -> tuple[int, ...]:
+    ks = (top_k,) if isinstance(top_k, (int, np.integer)) else tuple(top_k)
+    if not ks:
+        raise ValueError("top_k must name at least one k")
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise ValueError(f"k must be an integer, got {k!r}")
+        if not 1 <= k < num_classes:
+            raise ValueError(f"k must satisfy 1 <= k < c = {num_classes}, got k = {k}")
+    return tuple(int(k) for k in ks)
+
+
+def check_bounds(bounds: str) -> str:
+    if bounds not in ("simuem", "binocp"):
+        raise ValueError(f"bounds must be 'simuem' or 'binocp', got {bounds!r}")
+    return bounds
