@@ -39,7 +39,7 @@ def format_radius(value: float) -> str:
 
 def radius_rows(radii: np.ndarray, labels: np.ndarray, top_k: Sequence[int]):
     yield "\t".join(["idx", "label", *(f"radius_top{k}" for k in top_k)]) + "\n"
-    for idx, (label, row) in enumerate(zip(labels.tolist(), radii.tolist())):
+    for idx, (label, row) in enumerate(zip(labels.tolist(), radii.tolist(), strict=True)):
         yield "\t".join([str(idx), str(label), *map(format_radius, row)]) + "\n"
 
 

@@ -82,7 +82,8 @@ def read_counts(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 def format_counts(counts: np.ndarray, labels: np.ndarray) -> str:
     """Rows in the count-file format (inverse of :func:`parse_counts`)."""
     return "".join(
-        " ".join(map(str, row)) + f" {label}\n" for row, label in zip(counts.tolist(), labels.tolist())
+        " ".join(map(str, row)) + f" {label}\n"
+        for row, label in zip(counts.tolist(), labels.tolist(), strict=True)
     )
 
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from certify.radius import certified_radius
 from certify.bounds import simuem_bounds
+from certify.radius import certified_radius
 from certify.validation import check_alpha, check_sigma, check_top_k
 
 NOISE_CHUNK = 128
@@ -268,7 +268,7 @@ def top_k_set(counts: torch.Tensor, k: int, alpha: float) -> torch.Tensor:
     lower, upper = (torch.from_numpy(b) for b in simuem_bounds(counts, alpha))
     order = torch.as_tensor(counts).argsort(dim=1, descending=True, stable=True)  # (B, c)
     inside, outside = order[:, :k], order[:, k:]
-    separated = lower.gather(1, inside).min(dim=1).values > upper.gather(1, outside).max(
-        dim=1
-    ).values  # (B,)
+    separated = (
+        lower.gather(1, inside).min(dim=1).values > upper.gather(1, outside).max(dim=1).values
+    )  # (B,)
     return torch.where(separated[:, None], inside, torch.full_like(inside, -1))

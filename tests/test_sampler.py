@@ -1,0 +1,189 @@
+"""SmoothedClassifier: Monte Carlo counts, reproducibility, CERTIFY and PREDICT."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+from torch import nn
+
+from certify import SmoothedClassifier, certified_radius, top_k_set
+
+
+class Constant(nn.Module):
+    """Always predicts ``label``."""
+
+    def __init__(self, label: int, num_classes: int):
+        super().__init__()
+        self.register_buffer(
+            "scores", torch.nn.functional.one_hot(torch.tensor(label), num_classes).float()
+        )
+
+    def forward(self, x):
+        return self.scores.expand(x.shape[0], -1)
+
+
+class HalfSpace(nn.Module):
+    """Label 1 when w.x > b else 0: its smoothed P(1) is Phi((w.x - b) / (sigma |w|))."""
+
+    def __init__(self, w: torch.Tensor, b: float):
+        super().__init__()
+        self.register_buffer("w", w)
+        self.b = b
+
+    def forward(self, x):
+        margin = x.flatten(1) @ self.w - self.b  # (B,)
+        return torch.stack([-margin, margin], dim=1)
+
+
+def small_cnn(num_classes=5):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 64, num_classes),
+    ).eval()
+
+
+def test_constant_model_counts():
+    smoothed = SmoothedClassifier(Constant(3, 5), num_classes=5, sigma=0.5)
+    counts = smoothed.sample_counts(torch.rand(4, 1, 8, 8), n=777, batch_size=100)
+    assert counts.dtype == torch.int64 and counts.shape == (4, 5)
+    assert (counts[:, 3] == 777).all() and counts.sum() == 4 * 777
+
+
+def test_half_space_matches_its_closed_form():
+    torch.manual_seed(0)
+    w = torch.randn(16, dtype=torch.float64)
+    x = torch.rand(6, 16, dtype=torch.float64)
+    sigma, n = 0.5, 20_000
+    b = float((x @ w).median())
+    smoothed = SmoothedClassifier(HalfSpace(w, b), num_classes=2, sigma=sigma)
+    counts = smoothed.sample_counts(x, n=n, seed=1).numpy()
+    p1 = norm.cdf(((x @ w - b) / (sigma * w.norm())).numpy())
+    stderr = np.sqrt(p1 * (1 - p1) / n)
+    assert np.all(np.abs(counts[:, 1] / n - p1) < 5 * stderr + 1e-12)
+
+
+def test_counts_do_not_depend_on_batch_size_or_batch_mates():
+    model = small_cnn()
+    smoothed = SmoothedClassifier(model, num_classes=5, sigma=0.5)
+    x = torch.rand(7, 1, 8, 8)
+    ids = [10, 11, 12, 13, 14, 15, 16]
+    reference = smoothed.sample_counts(x, n=300, batch_size=1000, seed=42, example_ids=ids)
+    for batch_size in (1, 37, 128, 300, 2100):
+        again = smoothed.sample_counts(x, n=300, batch_size=batch_size, seed=42, example_ids=ids)
+        torch.testing.assert_close(again, reference, rtol=0, atol=0)
+    # Each input alone, or in other company, gets the same counts.
+    subset = [5, 2]
+    alone = smoothed.sample_counts(x[subset], n=300, seed=42, example_ids=[ids[i] for i in subset])
+    torch.testing.assert_close(alone, reference[subset], rtol=0, atol=0)
+    other = smoothed.sample_counts(x[[2]], n=300, seed=43, example_ids=[ids[2]])
+    assert not torch.equal(other, reference[[2]])  # the seed matters
+
+
+def test_unseeded_sampling_follows_torch_manual_seed():
+    smoothed = SmoothedClassifier(small_cnn(), num_classes=5, sigma=1.0)
+    x = torch.rand(3, 1, 8, 8)
+    torch.manual_seed(5)
+    first = smoothed.sample_counts(x, n=500)
+    torch.manual_seed(5)
+    assert torch.equal(first, smoothed.sample_counts(x, n=500))
+    assert not torch.equal(first, smoothed.sample_counts(x, n=500))
+
+
+def test_model_mode_is_restored_and_batchnorm_untouched():
+    model = small_cnn().train()
+    stats = model[1].running_mean.clone()
+    SmoothedClassifier(model, num_classes=5, sigma=0.5).sample_counts(torch.rand(2, 1, 8, 8), n=50)
+    assert model.training and torch.equal(model[1].running_mean, stats)
+
+
+def test_certify_equals_counts_then_radius():
+    smoothed = SmoothedClassifier(small_cnn(), num_classes=5, sigma=0.25)
+    x, labels = torch.rand(5, 1, 8, 8), torch.tensor([0, 1, 2, 3, 4])
+    radii = smoothed.certify(x, labels, (1, 2), n=400, alpha=0.01, seed=7)
+    counts = smoothed.sample_counts(x, n=400, seed=7)
+    expected = certified_radius(counts, labels, (1, 2), 0.25, 0.01)
+    torch.testing.assert_close(radii, expected, equal_nan=True, rtol=0, atol=0)
+    assert radii.dtype == torch.float64 and radii.shape == (5, 2)
+
+
+def test_predict_returns_the_true_top_k_of_a_clear_model():
+    smoothed = SmoothedClassifier(Constant(2, 4), num_classes=4, sigma=0.5)
+    top = smoothed.predict(torch.rand(3, 1, 8, 8), k=1, n=200, alpha=0.001)
+    assert top.tolist() == [[2], [2], [2]]
+    # With k = 2 the runner-up is not separated from the others (all have 0 counts): abstain.
+    assert (smoothed.predict(torch.rand(1, 1, 8, 8), k=2, n=200, alpha=0.001) == -1).all()
+
+
+def hard_multinomial(k: int, gap: float, c: int = 6) -> np.ndarray:
+    """c labels whose k-th and (k+1)-th probabilities differ by ``gap``."""
+    p = np.linspace(0.3, 0.05, c)
+    p[k - 1], p[k] = 0.5 * (p[k - 1] + p[k]) + gap / 2, 0.5 * (p[k - 1] + p[k]) - gap / 2
+    return p / p.sum()
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_predict_wrong_set_rate_is_at_most_alpha(k):
+    """Near ties at the k-th place: wrong sets are tempting, the rule must resist them.
+
+    An unsound rule (return the k most frequent labels) is wrong far more often than alpha
+    here; the simultaneous-bounds rule must stay at or below alpha while still answering.
+    """
+    rng = np.random.default_rng(k)
+    alpha, trials = 0.1, 1500
+    wrong = answered = naive_wrong = 0
+    for gap in (0.0, 0.004, 0.015, 0.04, 0.08):
+        p = hard_multinomial(k, gap)
+        true_top = set(np.argsort(-p, kind="stable")[:k].tolist())
+        counts = torch.from_numpy(rng.multinomial(4000, p, size=trials))
+        sets = top_k_set(counts, k, alpha).numpy()
+        said = sets[:, 0] >= 0
+        answered += said.sum()
+        wrong += sum(set(s.tolist()) != true_top for s in sets[said])
+        naive = np.argsort(-counts.numpy(), axis=1, kind="stable")[:, :k]
+        naive_wrong += sum(set(s.tolist()) != true_top for s in naive)
+    total = 5 * trials
+    assert wrong / total <= alpha
+    assert answered / total > 0.25  # it does answer, so the check has teeth
+    assert naive_wrong / total > 1.2 * alpha  # the near ties make an unsound rule fail often
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda s: s.sample_counts(torch.rand(8), n=10), r"shape \(B"),
+        (
+            lambda s: s.sample_counts(torch.ones(2, 1, 8, 8, dtype=torch.int64), n=10),
+            "floating-point",
+        ),
+        (lambda s: s.sample_counts(torch.full((1, 1, 8, 8), float("nan")), n=10), "NaN"),
+        (lambda s: s.sample_counts(torch.full((1, 1, 8, 8), float("inf")), n=10), "infinite"),
+        (lambda s: s.sample_counts(torch.rand(1, 1, 8, 8), n=0), "n must be"),
+        (lambda s: s.sample_counts(torch.rand(1, 1, 8, 8), n=5, batch_size=0), "batch_size"),
+        (lambda s: s.sample_counts(torch.rand(2, 1, 8, 8), n=5, example_ids=[1]), "example_ids"),
+        (lambda s: s.certify(torch.rand(2, 1, 8, 8), torch.tensor([0, 5]), 1, 10, 0.1), "labels"),
+        (lambda s: s.certify(torch.rand(2, 1, 8, 8), torch.tensor([0]), 1, 10, 0.1), "shape"),
+        (lambda s: s.certify(torch.rand(1, 1, 8, 8), torch.tensor([0]), 5, 10, 0.1), "k must"),
+        (lambda s: s.predict(torch.rand(1, 1, 8, 8), 1, 10, alpha=2.0), "alpha"),
+    ],
+)
+def test_bad_input_is_rejected(call, match):
+    smoothed = SmoothedClassifier(small_cnn(), num_classes=5, sigma=0.5)
+    with pytest.raises(ValueError, match=match):
+        call(smoothed)
+
+
+def test_bad_construction():
+    with pytest.raises(ValueError, match="sigma"):
+        SmoothedClassifier(small_cnn(), num_classes=5, sigma=-1)
+    with pytest.raises(ValueError, match="num_classes"):
+        SmoothedClassifier(small_cnn(), num_classes=1, sigma=1)
+
+
+def test_wrong_model_output_is_named():
+    smoothed = SmoothedClassifier(small_cnn(num_classes=3), num_classes=5, sigma=0.5)
+    with pytest.raises(ValueError, match=r"expected \(batch, 5\)"):
+        smoothed.sample_counts(torch.rand(1, 1, 8, 8), n=4)
