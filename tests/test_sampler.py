@@ -72,7 +72,7 @@ def test_counts_do_not_depend_on_batch_size_or_batch_mates():
     x = torch.rand(7, 1, 8, 8)
     ids = [10, 11, 12, 13, 14, 15, 16]
     reference = smoothed.sample_counts(x, n=300, batch_size=1000, seed=42, example_ids=ids)
-    for batch_size in (1, 37, 128, 300, 2100):
+    for batch_size in (5, 37, 128, 300, 2100):
         again = smoothed.sample_counts(x, n=300, batch_size=batch_size, seed=42, example_ids=ids)
         torch.testing.assert_close(again, reference, rtol=0, atol=0)
     # Each input alone, or in other company, gets the same counts.
