@@ -10,10 +10,13 @@ from certify.bounds import (
     clopper_pearson_upper,
     simuem_bounds,
 )
+from certify.metric import CertifiedTopKAccuracy
 from certify.radius import certified_radius, radius_from_bounds
 from certify.smoothing import SmoothedClassifier, top_k_set
 
 __all__ = [
+    "CertificationCallback",
+    "CertifiedTopKAccuracy",
     "SmoothedClassifier",
     "binocp_bounds",
     "certified_radius",
@@ -23,3 +26,12 @@ __all__ = [
     "simuem_bounds",
     "top_k_set",
 ]
+
+
+def __getattr__(name: str):
+    # The callback needs Lightning: load it only when asked for, so the math imports light.
+    if name == "CertificationCallback":
+        from certify.callback import CertificationCallback
+
+        return CertificationCallback
+    raise AttributeError(f"module 'certify' has no attribute {name!r}")
