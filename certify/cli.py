@@ -17,6 +17,7 @@ import numpy as np
 
 from certify.countfile import read_counts, write_atomic
 from certify.radius import certified_radius
+from certify.report import configure_report, run_report
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -65,6 +66,7 @@ def run_radius(args: argparse.Namespace) -> None:
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "radius": ("certified top-k radii from a count file", configure_radius, run_radius),
+    "report": ("tables and a plot of certified top-k accuracy", configure_report, run_report),
 }
 
 
