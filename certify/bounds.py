@@ -22,10 +22,16 @@ def _unique_apply(fn, counts: np.ndarray, n: np.ndarray) -> np.ndarray:
     Counts are small integers repeated many times (most labels get 0 or a handful of
     samples), so this turns millions of Beta inversions into a few thousand.
     """
-    counts, n = np.broadcast_arrays(counts, n)
-    pairs = np.stack([counts.ravel(), n.ravel()])  # (2, M)
-    uniq, inverse = np.unique(pairs, axis=1, return_inverse=True)
-    return fn(uniq[0], uniq[1])[inverse.ravel()].reshape(counts.shape)
+    shape = np.broadcast_shapes(np.shape(counts), np.shape(n))
+    counts, n = (np.asarray(a, dtype=np.int64).ravel() for a in np.broadcast_arrays(counts, n))
+    base = int(n.max(initial=0)) + 1
+    if base < 3_000_000_000:  # one int64 key per pair: much faster than unique over axis 1
+        keys, inverse = np.unique(counts * base + n, return_inverse=True)
+        uniq_counts, uniq_n = np.divmod(keys, base)
+    else:
+        uniq, inverse = np.unique(np.stack([counts, n]), axis=1, return_inverse=True)
+        uniq_counts, uniq_n = uniq
+    return fn(uniq_counts, uniq_n)[inverse.ravel()].reshape(shape)
 
 
 def _lower(k: np.ndarray, n: np.ndarray, level: float) -> np.ndarray:

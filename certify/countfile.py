@@ -36,10 +36,13 @@ def parse_counts(text: str, name: str = "counts") -> tuple[np.ndarray, np.ndarra
         if not tokens:
             continue
         where = f"{name}: line {line_no}"
-        for token in tokens:
+        for i, token in enumerate(tokens):
             if not _INT.fullmatch(token):
                 raise CountFileError(f"{where}: {token[:40]!r} is not a non-negative integer")
-            if len(token) > 18 and int(token) > _INT64_MAX:
+            # Drop leading zeros and judge the length before int(): Python refuses strings of
+            # more than 4300 digits with a plain ValueError, and int64 holds at most 19 digits.
+            tokens[i] = token = token.lstrip("0") or "0"
+            if len(token) > 19 or (len(token) == 19 and int(token) > _INT64_MAX):
                 raise CountFileError(f"{where}: {token[:40]} is too large")
         if width is None:
             width = len(tokens)
@@ -90,7 +93,10 @@ def format_counts(counts: np.ndarray, labels: np.ndarray) -> str:
 def write_atomic(path: str | os.PathLike, chunks: Iterable[str]) -> None:
     """Write text to ``path`` through a temporary file and a rename: never a half file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write there ({err.strerror})", str(path)) from None
     try:
         with os.fdopen(fd, "w", newline="\n") as handle:
             for chunk in chunks:
@@ -98,6 +104,9 @@ def write_atomic(path: str | os.PathLike, chunks: Iterable[str]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(err.errno, f"cannot write ({err.strerror})", str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

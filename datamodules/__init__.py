@@ -1,0 +1,14 @@
+"""Datamodules: pixels in [0, 1], ``num_classes``, ``mean`` and ``std`` for the model."""
+
+from datamodules.base import ArrayDataset, ImageClassificationDataModule
+from datamodules.cifar10 import CIFAR10DataModule
+from datamodules.digits import DigitsDataModule
+from datamodules.imagenet import ImageNetDataModule
+
+__all__ = [
+    "ArrayDataset",
+    "CIFAR10DataModule",
+    "DigitsDataModule",
+    "ImageClassificationDataModule",
+    "ImageNetDataModule",
+]

@@ -30,3 +30,121 @@ def reference_counts(reference_dir):
 @pytest.fixture(scope="session")
 def reference_radii_top3(reference_dir):
     return np.loadtxt(reference_dir / "radii_top3_alpha0.001.txt", skiprows=1)[:, 1]
+
+
+# ----------------------------------------------------------------- training (issue 3)
+CONFIGS = REPO / "configs"
+CIFAR10_CLASSES = [
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+]  # fmt: skip
+
+
+@pytest.fixture
+def isolated_run(tmp_path, monkeypatch):
+    """Run in a fresh temporary directory, offline, with torch hub and W&B files kept inside it.
+
+    Lightning's ``seed_everything`` sets environment variables: all of them are restored.
+    """
+    saved = dict(os.environ)
+    monkeypatch.chdir(tmp_path)
+    os.environ.update(
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        WANDB_DIR=str(tmp_path),
+        WANDB_CONFIG_DIR=str(tmp_path / ".wandb-config"),
+        WANDB_CACHE_DIR=str(tmp_path / ".wandb-cache"),
+        WANDB_DATA_DIR=str(tmp_path / ".wandb-data"),
+        TORCH_HOME=str(tmp_path / "torch-home"),
+    )
+    yield tmp_path
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture
+def seed_torch_hub(isolated_run):
+    """``seed(arch, weights_name)``: write a random state dict where torchvision caches ``arch``'s
+    weights, ``$TORCH_HOME/hub/checkpoints/<file name of the weights URL>``, and return it.
+
+    torch.hub checks the hash prefix of the file name only while downloading; a cached file is
+    loaded as it is, so no network is needed.
+    """
+    import torch
+    import torchvision
+
+    def seed(arch: str, weights_name: str) -> dict:
+        member = torchvision.models.get_model_weights(arch)[weights_name]
+        torch.manual_seed(1)
+        model = torchvision.models.get_model(arch, num_classes=len(member.meta["categories"]))
+        state = model.state_dict()
+        path = isolated_run / "torch-home" / "hub" / "checkpoints" / Path(member.url).name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path)
+        return state
+
+    return seed
+
+
+def write_cifar10(root: Path, train_per_batch: int = 4, test_size: int = 12, seed: int = 0):
+    """Write ``cifar-10-batches-py`` as the official archive lays it out: five training pickles,
+    one test pickle (dicts with ``data``, uint8 rows of 3072 = R, G, B planes of 32x32, and
+    ``labels``) and ``batches.meta``. Returns the test images ``(N, 3, 32, 32)`` and labels."""
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+
+    def write(name: str, n: int):
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n).tolist()
+        filenames = [f"{name}_{i}.png" for i in range(n)]
+        entry = {"batch_label": name, "data": data, "labels": labels, "filenames": filenames}
+        with open(folder / name, "wb") as file:
+            pickle.dump(entry, file, protocol=2)
+        return data.reshape(n, 3, 32, 32), np.asarray(labels)
+
+    for i in range(1, 6):
+        write(f"data_batch_{i}", train_per_batch)
+    test = write("test_batch", test_size)
+    meta = {"label_names": CIFAR10_CLASSES, "num_cases_per_batch": train_per_batch, "num_vis": 3072}
+    with open(folder / "batches.meta", "wb") as file:
+        pickle.dump(meta, file, protocol=2)
+    return test
+
+
+@pytest.fixture(scope="session")
+def cifar10_root(tmp_path_factory):
+    """``(root, test_images, test_labels)`` of a small CIFAR-10 copy in torchvision's format."""
+    root = tmp_path_factory.mktemp("cifar10")
+    images, labels = write_cifar10(root)
+    return root, images, labels
+
+
+@pytest.fixture(scope="session")
+def imagenet_root(tmp_path_factory):
+    """A tiny ImageFolder tree of JPEGs: ``train/`` (6 classes x 2) and ``val/`` (6 x 1)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imagenet")
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 2), ("val", 1)):
+        for cls in ("n01440764", "n01443537", "n01484850", "n01491361", "n01494475", "n01496331"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                height, width = rng.integers(40, 90, size=2)
+                pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{cls}_{i}.JPEG", format="JPEG")
+    return root
+
+
+@pytest.fixture
+def lightning_cli():
+    """``cli(*args, run=True)``: ``TopkLightningCLI`` in this process, on the given arguments."""
+    from lightning_modules.cli import TopkLightningCLI
+
+    def cli(*args: str, run: bool = True):
+        return TopkLightningCLI(args=[str(a) for a in args], run=run)
+
+    return cli

@@ -1,0 +1,200 @@
+"""Certified top-k accuracy measured while training: a Lightning callback.
+
+After a validation epoch the callback certifies a fixed, evenly spread subset of the
+validation split with the smoothed version of the module's network, each process taking its
+own share, and logs ``val/certified_top{k}@{r}``, ``val/acr_top{k}`` and
+``val/certify_seconds`` to every logger (plus a curve of certified accuracy against radius to
+W&B). Noise streams are seeded by dataset index, so the numbers do not depend on the number
+of processes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+from certify.metric import CertifiedTopKAccuracy
+from certify.smoothing import SmoothedClassifier
+from certify.validation import check_alpha, check_bounds, check_sigma
+
+DEFAULT_TOP_K = (1, 3, 5)
+
+
+class CertificationCallback(pl.Callback):
+    """Certify part of the validation split after validation epochs.
+
+    Args:
+        top_k: the k values; ``None`` means (1, 3, 5) without those >= num_classes.
+        radii: radii at which certified accuracy is logged.
+        n: noisy samples per example.
+        alpha: failure probability of each certificate.
+        bounds: ``"simuem"`` or ``"binocp"``.
+        batch_size: noisy samples per forward pass (``None``: the sampler's choice).
+        num_examples: how many validation examples (evenly spread, the same every epoch);
+            ``None`` certifies all of them.
+        every_n_epochs: certify after every n-th training epoch (and always in ``validate``).
+        last_epoch: also certify after the last training epoch.
+        sigma: noise level; ``None`` uses the module's training ``sigma``.
+        seed: base seed of the noise (each example's stream is keyed by its dataset index).
+        examples_per_call: examples handed to the sampler at once.
+    """
+
+    def __init__(
+        self,
+        top_k: Sequence[int] | None = None,
+        radii: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+        n: int = 1000,
+        alpha: float = 0.001,
+        bounds: str = "simuem",
+        batch_size: int | None = None,
+        num_examples: int | None = None,
+        every_n_epochs: int = 1,
+        last_epoch: bool = True,
+        sigma: float | None = None,
+        seed: int = 0,
+        examples_per_call: int = 64,
+    ) -> None:
+        super().__init__()
+        for name, value, low in (("n", n, 1), ("every_n_epochs", every_n_epochs, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if num_examples is not None and (not isinstance(num_examples, int) or num_examples < 1):
+            raise ValueError(f"num_examples must be None or an integer >= 1, got {num_examples!r}")
+        if not radii or any(not float(r) >= 0 for r in radii):
+            raise ValueError(f"radii must be numbers >= 0, got {radii!r}")
+        self.top_k = None if top_k is None else tuple(top_k)
+        self.radii = tuple(float(r) for r in radii)
+        self.n, self.alpha, self.bounds = n, check_alpha(alpha), check_bounds(bounds)
+        self.batch_size, self.num_examples = batch_size, num_examples
+        self.every_n_epochs, self.last_epoch = every_n_epochs, last_epoch
+        self.sigma = None if sigma is None else check_sigma(sigma)
+        self.seed, self.examples_per_call = seed, examples_per_call
+        self.indices: np.ndarray | None = None
+        self.dataset = None
+        self.last_seconds: float | None = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage not in ("fit", "validate"):
+            return
+        num_classes = getattr(pl_module, "num_classes", None)
+        if not isinstance(num_classes, int) or not hasattr(pl_module, "net"):
+            raise ValueError(
+                "CertificationCallback needs a module with `net` and an integer `num_classes`"
+            )
+        if self.top_k is None:
+            self.top_k = tuple(k for k in DEFAULT_TOP_K if k < num_classes)
+        bad = [k for k in self.top_k if not isinstance(k, int) or not 1 <= k < num_classes]
+        if not self.top_k or bad:
+            raise ValueError(
+                f"CertificationCallback: every k must satisfy 1 <= k < num_classes = "
+                f"{num_classes}, got top_k = {self.top_k}"
+            )
+        sigma = self.sigma if self.sigma is not None else getattr(pl_module, "sigma", None)
+        check_sigma(sigma)
+        self.dataset = self._validation_dataset(trainer)
+        size = len(self.dataset)
+        count = size if self.num_examples is None else min(self.num_examples, size)
+        self.indices = np.unique(np.linspace(0, size - 1, count).round().astype(np.int64))
+
+    @staticmethod
+    def _validation_dataset(trainer: pl.Trainer):
+        datamodule = trainer.datamodule
+        loader = None
+        if datamodule is not None and type(datamodule).val_dataloader is not (
+            pl.LightningDataModule.val_dataloader
+        ):
+            loader = datamodule.val_dataloader()
+        elif trainer.lightning_module is not None:
+            try:
+                loader = trainer.lightning_module.val_dataloader()
+            except Exception:  # the hook may be left unimplemented
+                loader = None
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None or len(dataset) == 0:
+            raise ValueError("CertificationCallback: there is no validation data to certify")
+        return dataset
+
+    # ------------------------------------------------------------------ epoch end
+    def _due(self, trainer: pl.Trainer) -> bool:
+        if trainer.sanity_checking:
+            return False
+        if trainer.state.fn != "fit":
+            return True
+        epoch = trainer.current_epoch + 1
+        final = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        return epoch % self.every_n_epochs == 0 or (self.last_epoch and final)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.indices is None or not self._due(trainer):
+            return
+        start = time.perf_counter()
+        metric = self.certify_share(trainer, pl_module)
+        values = metric.compute()  # summed over all processes
+        seconds = time.perf_counter() - start
+        self.last_seconds = seconds
+        pl_module.log_dict({f"val/{key}": value.float() for key, value in values.items()})
+        pl_module.log("val/certify_seconds", seconds, reduce_fx="max", sync_dist=True)
+        self._log_curve(trainer, metric, values)
+
+    def certify_share(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
+        """Certify this process's share of the examples into a fresh metric."""
+        sigma = self.sigma if self.sigma is not None else float(pl_module.sigma)
+        smoothed = SmoothedClassifier(pl_module.net, pl_module.num_classes, sigma)
+        metric = CertifiedTopKAccuracy(self.top_k, self.radii).to(pl_module.device)
+        share = self.indices[trainer.global_rank :: trainer.world_size]
+        calls = [
+            share[i : i + self.examples_per_call]
+            for i in range(0, len(share), self.examples_per_call)
+        ]
+        for chunk in self._progress(trainer, calls):
+            items = [self.dataset[int(i)] for i in chunk]
+            x = torch.stack([torch.as_tensor(item[0]) for item in items])  # (b, C, H, W)
+            labels = torch.tensor([int(item[1]) for item in items])  # (b,)
+            radii = smoothed.certify(
+                x,
+                labels,
+                self.top_k,
+                self.n,
+                self.alpha,
+                self.bounds,
+                batch_size=self.batch_size,
+                seed=self.seed,
+                example_ids=chunk.tolist(),
+            )  # (b, K)
+            metric.update(radii)
+        return metric
+
+    @staticmethod
+    def _progress(trainer: pl.Trainer, calls: list):
+        if trainer.global_rank != 0 or trainer.progress_bar_callback is None:
+            return calls
+        from tqdm.auto import tqdm
+
+        return tqdm(calls, desc="Certifying", leave=False, unit="chunk", dynamic_ncols=True)
+
+    @rank_zero_only
+    def _log_curve(self, trainer: pl.Trainer, metric: CertifiedTopKAccuracy, values) -> None:
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not wandb_loggers:
+            return
+        import wandb
+
+        accuracy, _ = metric.compute_table()
+        curve = wandb.plot.line_series(
+            xs=list(self.radii),
+            ys=accuracy.cpu().tolist(),
+            keys=[f"top-{k}" for k in self.top_k],
+            title="Certified accuracy vs radius",
+            xname="radius",
+        )
+        for logger in wandb_loggers:
+            logger.experiment.log(
+                {"val/certified_accuracy_curve": curve, "trainer/global_step": trainer.global_step}
+            )

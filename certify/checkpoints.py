@@ -1,0 +1,100 @@
+"""Weights for certification: our Lightning checkpoints and Cohen et al.'s released models.
+
+Cohen, Rosenfeld and Kolter (2019, locuslab/smoothing) released ``torch.save`` dicts with
+``arch`` (``cifar_resnet20``, ``cifar_resnet110`` or ``resnet50``), ``state_dict`` and
+optimizer state. Their classifier is ``Sequential(NormalizeLayer, backbone)`` whose
+normalisation has no state, so the state dict holds the backbone under ``1.``; the ImageNet
+ResNet-50 was wrapped in ``DataParallel``, giving ``1.module.``. Our networks are
+``Sequential(NormalizeLayer, backbone)`` too, so their weights load after removing
+``module.``. Our Lightning checkpoints keep the network under ``net.``.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+#: Cohen et al.'s ``arch`` names and the normalisation their models were trained with.
+COHEN_NORMALIZATION = {
+    "cifar_resnet20": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar_resnet110": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "resnet50": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used with the configured model (one-line message)."""
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass  # an older checkpoint with Python objects in it: the user's own file
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {err}") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {err}") from None
+
+
+def network_state(checkpoint: dict, path: str | Path, arch: str | None) -> tuple[dict, str]:
+    """The state dict of ``Sequential(NormalizeLayer, backbone)`` and the format's name."""
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds no state_dict")
+    state = checkpoint["state_dict"]
+    if "arch" in checkpoint:  # Cohen et al.
+        if arch is not None and checkpoint["arch"] != arch:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds a {checkpoint['arch']}, the config builds a {arch}"
+            )
+        return {key.replace("1.module.", "1.", 1): value for key, value in state.items()}, "cohen"
+    saved_arch = (checkpoint.get("hyper_parameters") or {}).get("arch")
+    if arch is not None and saved_arch is not None and saved_arch != arch:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds a {saved_arch}, the config builds a {arch}"
+        )
+    net = {key[4:]: value for key, value in state.items() if key.startswith("net.")}
+    if not net:
+        raise CheckpointError(f"checkpoint {str(path)!r} has no weights under 'net.'")
+    return net, "lightning"
+
+
+def load_network_weights(net: nn.Module, path: str | Path, arch: str | None = None) -> str:
+    """Load a checkpoint of either format into ``net``; returns ``"lightning"`` or ``"cohen"``.
+
+    Raises:
+        CheckpointError: missing or unreadable file, another architecture, another number of
+            classes, or missing/unexpected weights.
+    """
+    state, kind = network_state(read_checkpoint(path), path, arch)
+    own = net.state_dict()
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} does not fit the model: {key} has shape "
+                f"{tuple(value.shape)} in the checkpoint, {tuple(own[key].shape)} in the model"
+                + (" (another number of classes)" if key.endswith("fc.weight") else "")
+            )
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not fit the model ({detail}): another architecture?"
+        )
+    net.load_state_dict(state)
+    if kind == "cohen":
+        mean, std = COHEN_NORMALIZATION.get(arch or "", (None, None))
+        normalize = net[0] if isinstance(net, nn.Sequential) else None
+        if mean is not None and normalize is not None and hasattr(normalize, "mean"):
+            normalize.mean.copy_(torch.tensor(mean).view_as(normalize.mean))
+            normalize.std.copy_(torch.tensor(std).view_as(normalize.std))
+    return kind

@@ -1,0 +1,140 @@
+"""The output directory of ``topk-smoothing certify``: crash-safe, resumable, mergeable.
+
+Every process appends one line per finished example to its own part file
+(``parts/rank{r}.tsv``) with a single ``write`` followed by ``fsync``, so a kill loses at most
+the examples in flight and never leaves a half row that is read back: a last line without its
+newline is cut off before the file is appended to again. ``certify.json`` records everything
+that determines the results; a rerun with other settings is refused. When every selected
+example is done, the parts are merged, sorted by dataset index, into ``certify.tsv`` and the
+authors' ``counts.txt`` format (both written through a temporary file and a rename).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from certify.countfile import format_counts, write_atomic
+
+METADATA = "certify.json"
+RESULTS = "certify.tsv"
+COUNTS = "counts.txt"
+
+
+class OutputError(ValueError):
+    """The output directory cannot be used for this run (one-line message)."""
+
+
+def _format_radius(value: float) -> str:
+    return "nan" if math.isnan(value) else f"{value:.10g}"
+
+
+class CertifyOutput:
+    """One certify run's output directory.
+
+    Args:
+        directory: where the files go (created if missing).
+        metadata: settings that determine the results (n, alpha, sigma, ...).
+        top_k: the k of the radius columns.
+    """
+
+    def __init__(self, directory: str | os.PathLike, metadata: dict, top_k: Sequence[int]) -> None:
+        self.directory = Path(directory)
+        self.metadata = dict(metadata)
+        self.top_k = tuple(top_k)
+        self.header = [
+            "idx", "label", *(f"pred{i + 1}" for i in range(max(self.top_k))),
+            *(f"radius_top{k}" for k in self.top_k), "seconds",
+        ]  # fmt: skip
+
+    # ------------------------------------------------------------------ settings
+    def prepare(self) -> None:
+        """Create the directory and ``certify.json``, or refuse settings that differ."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            (self.directory / "parts").mkdir(exist_ok=True)
+        except OSError as err:
+            raise OutputError(
+                f"cannot create output directory {self.directory}: {err.strerror}"
+            ) from None
+        if not os.access(self.directory, os.W_OK):
+            raise OutputError(f"output directory {self.directory} is not writable")
+        path = self.directory / METADATA
+        if path.is_file():
+            self.check_metadata(json.loads(path.read_text()))
+        else:
+            try:
+                write_atomic(path, [json.dumps(self.metadata, indent=2, sort_keys=True) + "\n"])
+            except OSError as err:
+                raise OutputError(f"cannot write {path}: {err.strerror}") from None
+
+    def check_metadata(self, existing: dict) -> None:
+        for key in sorted(set(existing) | set(self.metadata)):
+            old, new = existing.get(key), self.metadata.get(key)
+            if old != new:
+                raise OutputError(
+                    f"{self.directory} holds a run with {key} = {old!r}, this run has "
+                    f"{key} = {new!r}; refusing to mix them (choose another output directory)"
+                )
+
+    # ------------------------------------------------------------------ parts
+    def part_path(self, rank: int) -> Path:
+        return self.directory / "parts" / f"rank{rank}.tsv"
+
+    def _complete_lines(self, path: Path) -> list[str]:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        lines = text.split("\n")[:-1]  # a last piece without "\n" was cut by a kill
+        return [line for line in lines if len(line.split("\t")) == len(self.header) + 1]
+
+    def read_parts(self) -> dict[int, str]:
+        """Finished rows by dataset index, from every part file (any number of processes)."""
+        rows: dict[int, str] = {}
+        for path in sorted((self.directory / "parts").glob("rank*.tsv")):
+            for line in self._complete_lines(path):
+                rows.setdefault(int(line.split("\t", 1)[0]), line)
+        return rows
+
+    def open_part(self, rank: int) -> int:
+        """A descriptor appending to this rank's part file, a torn last line cut off first."""
+        path = self.part_path(rank)
+        if path.exists():
+            data = path.read_bytes()
+            keep = data.rfind(b"\n") + 1
+            if keep != len(data):
+                os.truncate(path, keep)
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def row(self, idx: int, label: int, top_labels, radii, seconds: float, counts) -> str:
+        """One part line: the TSV fields, then the counts (space separated)."""
+        fields = [
+            str(idx), str(label), *map(str, top_labels), *map(_format_radius, radii),
+            f"{seconds:.4f}", " ".join(map(str, counts)),
+        ]  # fmt: skip
+        return "\t".join(fields) + "\n"
+
+    @staticmethod
+    def append(fd: int, lines: Sequence[str]) -> None:
+        data = "".join(lines).encode()
+        while data:
+            written = os.write(fd, data)
+            data = data[written:]
+        os.fsync(fd)
+
+    # ------------------------------------------------------------------ merge
+    def merge(self, selected: Sequence[int]) -> bool:
+        """Write ``certify.tsv`` and ``counts.txt`` if every selected example is done."""
+        rows = self.read_parts()
+        if any(int(i) not in rows for i in selected):
+            return False
+        lines = [rows[int(i)].split("\t") for i in sorted(int(i) for i in selected)]
+        table = ["\t".join(self.header) + "\n"] + ["\t".join(f[:-1]) + "\n" for f in lines]
+        counts = np.array([[int(v) for v in f[-1].split()] for f in lines], dtype=np.int64)
+        labels = np.array([int(f[1]) for f in lines], dtype=np.int64)
+        write_atomic(self.directory / RESULTS, table)
+        write_atomic(self.directory / COUNTS, [format_counts(counts, labels)])
+        return True

@@ -1,0 +1,240 @@
+"""``topk-smoothing certify``: certify a data split with a trained base classifier.
+
+The work runs through ``Trainer.predict`` so that Lightning launches the processes
+(``--trainer.devices N``, ``--trainer.num_nodes M``) and shards the pending examples across
+them without repeats; each process appends its rows to its own part file as examples finish,
+and rank 0 merges them, sorted by dataset index, into the final files and the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from certify.outputs import RESULTS, CertifyOutput
+from certify.radius import certified_radius
+from certify.report import write_report
+from certify.smoothing import DEFAULT_BATCH_SIZE, SmoothedClassifier
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def select_examples(size: int, skip: int, max_examples: int | None) -> list[int]:
+    """Every ``skip``-th index from 0 (the papers' every-20th image), at most ``max_examples``."""
+    indices = list(range(0, size, skip))
+    return indices if max_examples is None else indices[:max_examples]
+
+
+class _Examples(Dataset):
+    """The pending examples: ``(image, label, dataset index)``."""
+
+    def __init__(self, dataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        image, label = self.dataset[self.indices[i]][:2]
+        return torch.as_tensor(image), int(label), self.indices[i]
+
+
+class CertifyTask(pl.LightningModule):
+    """Certify ``selected`` examples of ``dataset`` with the smoothed ``net``.
+
+    Args:
+        net: base classifier on [0, 1] pixels.
+        num_classes: number of labels.
+        dataset: the split to certify (items ``(image, label, ...)``).
+        selected: dataset indices to certify.
+        output: the output directory (already prepared).
+        options: ``n``, ``alpha``, ``top_k``, ``bounds``, ``sigma``, ``seed``, ``batch_size``.
+    """
+
+    def __init__(self, net, num_classes, dataset, selected, output: CertifyOutput, options):
+        super().__init__()
+        self.net, self.num_classes = net, num_classes
+        self.dataset, self.selected, self.output, self.options = dataset, selected, output, options
+        self.pending: list[int] = []
+        self._fd: int | None = None
+
+    def setup(self, stage: str) -> None:
+        done = self.output.read_parts()
+        self.pending = [i for i in self.selected if i not in done]
+
+    def predict_dataloader(self) -> DataLoader:
+        sampler_batch = self.options["batch_size"] or DEFAULT_BATCH_SIZE
+        per_step = max(1, min(64, sampler_batch // self.options["n"]))
+        return DataLoader(_Examples(self.dataset, self.pending), batch_size=per_step, shuffle=False)
+
+    def on_predict_start(self) -> None:
+        self.trainer.strategy.barrier("certify-open")  # everyone has read the parts
+        self._fd = self.output.open_part(self.global_rank)
+
+    def predict_step(self, batch, batch_idx: int) -> None:
+        x, labels, indices = batch  # (b, C, H, W), (b,), (b,)
+        opts = self.options
+        start = time.perf_counter()
+        smoothed = SmoothedClassifier(self.net, self.num_classes, opts["sigma"])
+        counts = smoothed.sample_counts(
+            x, opts["n"], opts["batch_size"], opts["seed"], example_ids=indices.tolist()
+        ).cpu()  # (b, c)
+        radii = certified_radius(
+            counts, labels.cpu(), opts["top_k"], opts["sigma"], opts["alpha"], opts["bounds"]
+        )  # (b, K)
+        order = counts.argsort(dim=1, descending=True, stable=True)[:, : max(opts["top_k"])]
+        seconds = (time.perf_counter() - start) / len(indices)
+        rows = [
+            self.output.row(int(i), int(y), top.tolist(), r.tolist(), seconds, c.tolist())
+            for i, y, top, r, c in zip(indices, labels, order, radii, counts, strict=True)
+        ]
+        self.output.append(self._fd, rows)
+
+    def on_predict_end(self) -> None:
+        import os
+
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.trainer.strategy.barrier("certify-merge")
+        if self.global_rank == 0:
+            finish(self.output, self.selected, self.trainer)
+
+
+def finish(output: CertifyOutput, selected: list[int], trainer: pl.Trainer | None) -> bool:
+    """Merge the parts, write the report and log it to W&B; False if examples are missing."""
+    if not output.merge(selected):
+        return False
+    result = write_report(output.directory / RESULTS)
+    if trainer is not None:
+        _log_to_wandb(trainer, result)
+    return True
+
+
+def _log_to_wandb(trainer: pl.Trainer, result: dict) -> None:
+    from pytorch_lightning.loggers import WandbLogger
+
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    if not loggers:
+        return
+    import wandb
+
+    columns = ["k", *(f"r={r:g}" for r in result["radii"]), "acr"]
+    rows = [
+        [k, *np.asarray(result["accuracy"][i]).tolist(), float(result["acr"][i])]
+        for i, k in enumerate(result["top_k"])
+    ]
+    image = wandb.Image(str(result["output_dir"] / "certified_accuracy.png"))
+    for logger in loggers:
+        logger.experiment.log(
+            {"certify/table": wandb.Table(columns=columns, data=rows), "certify/curve": image}
+        )
+
+
+class CertifySettingsError(ValueError):
+    """An impossible ``certify`` setting (one-line message, exit status 2)."""
+
+
+def _check_int(name: str, value, low: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise CertifySettingsError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+class CertifyingTrainer(pl.Trainer):
+    """A Lightning ``Trainer`` with one more entry point, ``certify``."""
+
+    def certify(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        ckpt_path: str | None = None,
+        n: int = 100_000,
+        alpha: float = 0.001,
+        k: list[int] | None = None,
+        bounds: str = "simuem",
+        split: str = "test",
+        skip: int = 1,
+        max_examples: int | None = None,
+        batch_size: int | None = None,
+        seed: int = 0,
+        sigma: float | None = None,
+        output_dir: str = "runs/certify",
+    ) -> bool:
+        """Certify a data split with the smoothed classifier (resumable, sharded over devices).
+
+        Args:
+            model: the trained classifier (its ``net``, ``num_classes`` and ``sigma``).
+            datamodule: provides the split.
+            ckpt_path: our Lightning checkpoint or one of Cohen et al.'s released models.
+            n: noisy samples per example.
+            alpha: failure probability of each certificate.
+            k: the k values (default 1, 3, 5 below the number of classes).
+            bounds: ``simuem`` or ``binocp``.
+            split: ``test`` or ``val``.
+            skip: certify every ``skip``-th example of the split (the papers use 20).
+            max_examples: at most this many examples (after ``skip``).
+            batch_size: noisy samples per forward pass (default: the sampler's choice).
+            seed: base seed of the noise; each example's stream is keyed by its index.
+            sigma: noise level (default: the model's training sigma).
+            output_dir: where certify.tsv, counts.txt and the report go.
+
+        Returns:
+            True when every selected example is certified and the report is written.
+        """
+        from certify.checkpoints import load_network_weights
+        from certify.validation import check_alpha, check_bounds, check_sigma
+
+        _check_int("n", n, 1)
+        _check_int("skip", skip, 1)
+        _check_int("max_examples", max_examples, 1, optional=True)
+        _check_int("batch_size", batch_size, 1, optional=True)
+        if split not in ("test", "val"):
+            raise CertifySettingsError(f"split must be 'test' or 'val', got {split!r}")
+        try:
+            check_alpha(alpha), check_bounds(bounds)
+            sigma = check_sigma(float(model.sigma) if sigma is None else sigma)
+        except ValueError as err:
+            raise CertifySettingsError(str(err)) from None
+        num_classes = int(model.num_classes)
+        top_k = tuple(k) if k else tuple(v for v in (1, 3, 5) if v < num_classes)
+        if any(not 1 <= v < num_classes for v in top_k):
+            raise CertifySettingsError(
+                f"every k must satisfy 1 <= k < num_classes = {num_classes}, got {list(top_k)}"
+            )
+        arch = getattr(model, "hparams", {}).get("arch")
+        if ckpt_path is not None:
+            load_network_weights(model.net, ckpt_path, arch)
+        datamodule.setup("test" if split == "test" else "validate")
+        dataset = getattr(datamodule, f"{split}_dataset", None)
+        if dataset is None or len(dataset) == 0:
+            raise CertifySettingsError(f"the datamodule has no {split} examples")
+        selected = select_examples(len(dataset), skip, max_examples)
+        metadata = {
+            "n": n, "alpha": alpha, "sigma": sigma, "bounds": bounds, "top_k": list(top_k),
+            "split": split, "skip": skip, "max_examples": max_examples, "seed": seed,
+            "num_classes": num_classes, "examples": len(selected), "arch": arch,
+            "checkpoint_sha256": None if ckpt_path is None else file_sha256(ckpt_path),
+        }  # fmt: skip
+        output = CertifyOutput(output_dir, metadata, top_k)
+        output.prepare()
+        if all(i in output.read_parts() for i in selected):
+            return finish(output, selected, self)
+        options = dict(n=n, alpha=alpha, top_k=top_k, bounds=bounds, sigma=sigma, seed=seed,
+                       batch_size=batch_size)  # fmt: skip
+        task = CertifyTask(model.net, num_classes, dataset, selected, output, options)
+        self.predict(task, return_predictions=False)
+        return (output.directory / RESULTS).is_file()

@@ -1,0 +1,61 @@
+"""ImageNet (or any class-per-folder image tree) through torchvision's ImageFolder."""
+
+from __future__ import annotations
+
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import find_classes
+
+from datamodules.base import ImageClassificationDataModule, require_dir
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageNetDataModule(ImageClassificationDataModule):
+    """An ImageFolder tree ``data_dir/{train,val}/<class>/<image>``; val is also the test split.
+
+    Training: RandomResizedCrop 224 and a horizontal flip; evaluation: Resize 256 and
+    CenterCrop 224. Tensors in [0, 1], no ``Normalize`` (the model normalises). ``num_classes``
+    is the number of class folders in ``train/``; ``val/`` must have the same classes.
+
+    Args:
+        data_dir: the folder holding ``train/`` and ``val/``.
+        batch_size: examples per batch and per process.
+        num_workers: loader worker processes per training process.
+    """
+
+    mean = IMAGENET_MEAN
+    std = IMAGENET_STD
+
+    def __init__(self, data_dir: str, batch_size: int = 256, num_workers: int = 8) -> None:
+        super().__init__(batch_size, num_workers)
+        self.save_hyperparameters()
+        root = require_dir(data_dir, "ImageNet data_dir")
+        self.train_dir = require_dir(root / "train", "ImageNet train folder")
+        self.val_dir = require_dir(root / "val", "ImageNet val folder")
+        classes, _ = find_classes(self.train_dir)  # FileNotFoundError if there is no class
+        val_classes, _ = find_classes(self.val_dir)
+        if classes != val_classes:
+            odd = sorted(set(classes) ^ set(val_classes))
+            raise ValueError(
+                f"ImageNet train/ and val/ have different class folders ({len(classes)} vs "
+                f"{len(val_classes)}; e.g. {', '.join(odd[:3])})"
+            )
+        self.classes = classes
+        self.num_classes = len(classes)
+
+    def setup(self, stage: str | None = None) -> None:
+        train_tf = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(224),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+            ]
+        )
+        eval_tf = transforms.Compose(
+            [transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()]
+        )
+        if stage in (None, "fit"):
+            self.train_dataset = ImageFolder(self.train_dir, transform=train_tf)
+        self.val_dataset = self.test_dataset = ImageFolder(self.val_dir, transform=eval_tf)

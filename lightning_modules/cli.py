@@ -1,0 +1,155 @@
+"""``topk-smoothing fit|validate|test|predict``: LightningCLI over the noisy classifier and data.
+
+``TopkLightningCLI`` is reusable (``run=False`` builds model, datamodule and trainer from a
+config without running anything). ``main(argv)`` turns user mistakes found at start-up (a bad
+option or value, an unknown model or weights name, a missing data directory or checkpoint)
+into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonargparse import ArgumentError
+from pytorch_lightning import LightningModule, Trainer
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+from datamodules.base import ImageClassificationDataModule
+from lightning_modules.module import NoisyClassifier
+
+#: ``--ckpt_path`` values that Lightning resolves itself (keywords, model registry).
+CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
+#: Attributes of the datamodule that the model receives.
+LINKED_FROM_DATA = ("num_classes", "mean", "std")
+#: What a class raises at instantiation for a bad setting (value, path, device choice).
+USER_ERRORS = (ValueError, OSError, MisconfigurationException)
+
+
+class StartupError(Exception):
+    """A user mistake found before anything runs: reported in one line, exit status 2."""
+
+
+def one_line(error: BaseException | str) -> str:
+    return " ".join(str(error).split())
+
+
+def cause_chain(error: BaseException) -> list[BaseException]:
+    """``error`` and the exceptions it was raised from, outermost first."""
+    chain = [error]
+    while (error := error.__cause__ or error.__context__) is not None and error not in chain:
+        chain.append(error)
+    return chain
+
+
+def parse_error_message(error: ArgumentError) -> str:
+    """The innermost parser message: it names the key and the value (jsonargparse nests them)."""
+    return one_line([e for e in cause_chain(error) if isinstance(e, ArgumentError)][-1])
+
+
+def run_dir(trainer: Trainer) -> Path:
+    """The run's own folder: ``save_dir/name/version`` of the logger (the checkpoints' parent)."""
+    logger = trainer.logger
+    if logger is None:
+        return Path(trainer.default_root_dir)
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
+
+
+class ConfigToLoggers(SaveConfigCallback):
+    """Sends the full resolved config to every logger (the W&B run config), with the values
+    linked from the data, and writes ``config.yaml`` (reusable as ``--config``) into the run's
+    folder, next to its ``checkpoints/``."""
+
+    def __init__(self, parser: LightningArgumentParser, config, **kwargs: Any) -> None:
+        kwargs.setdefault("save_to_log_dir", False)
+        super().__init__(parser, config, **kwargs)
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        folder = run_dir(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / self.config_filename
+        with warnings.catch_warnings():  # skip_none: skip_unset from jsonargparse 4.49 on
+            warnings.filterwarnings("ignore", message=r"\s*skip_none")
+            config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+            self.parser.save(self.config, path, skip_none=False, overwrite=True)
+        init_args = config.get("model", {}).get("init_args")
+        if isinstance(init_args, dict):
+            hparams = pl_module.hparams
+            init_args.update({key: hparams[key] for key in LINKED_FROM_DATA if key in hparams})
+        for logger in trainer.loggers:
+            logger.log_hyperparams(config)
+
+
+class TopkLightningCLI(LightningCLI):
+    """LightningCLI with ``NoisyClassifier`` subclasses as model and any datamodule of ours.
+
+    ``num_classes``, ``mean`` and ``std`` are linked from the datamodule into the model.
+    Keyword arguments are LightningCLI's; parse errors raise instead of exiting.
+    """
+
+    def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("model_class", NoisyClassifier)
+        kwargs.setdefault("datamodule_class", ImageClassificationDataModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_callback", ConfigToLoggers)
+        parser_kwargs = {"prog": "topk-smoothing", "exit_on_error": False}
+        parser_kwargs.update(kwargs.pop("parser_kwargs", None) or {})
+        super().__init__(args=args, run=run, parser_kwargs=parser_kwargs, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for key in LINKED_FROM_DATA:
+            parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="fit only: test the best checkpoint (or the final weights) when training ends",
+        )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        try:
+            if isinstance(args, dict):
+                self.config = parser.parse_object(args)
+            else:
+                self.config = parser.parse_args(args)
+        except ArgumentError as err:
+            raise StartupError(parse_error_message(err)) from None
+        ckpt_path = self.config.get(f"{self.config.get('subcommand')}.ckpt_path")
+        local = ckpt_path and not ckpt_path.startswith(CKPT_KEYWORDS) and "://" not in ckpt_path
+        if local and not Path(ckpt_path).is_file():
+            raise StartupError(f"checkpoint {ckpt_path!r} does not exist")
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except USER_ERRORS as err:
+            # jsonargparse wraps the error of a class's __init__: report the original one.
+            original = [e for e in cause_chain(err) if isinstance(e, USER_ERRORS)][-1]
+            raise StartupError(one_line(original)) from err
+
+    def after_fit(self) -> None:
+        if not self.config.fit.test_after_fit:
+            return
+        callback = self.trainer.checkpoint_callback  # the first ModelCheckpoint: the best epoch
+        best = callback.best_model_path if callback is not None else ""
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+
+
+def main(argv: list[str]) -> int:
+    """Run ``topk-smoothing <fit|validate|test|predict> ...``; 2 on a start-up mistake."""
+    prog = " ".join(["topk-smoothing", *argv[:1]])
+    # The seed is in the config: keep a start-up error the only line a mistake prints.
+    logging.getLogger("lightning_fabric.utilities.seed").setLevel(logging.WARNING)
+    try:
+        TopkLightningCLI(args=list(argv))
+    except StartupError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,174 @@
+"""The LightningModule that trains a base classifier under Gaussian noise (Cohen et al. 2019).
+
+Every batch gets fresh noise N(0, sigma^2 I) in [0, 1] pixel space; the network's first module
+normalises, so the noise is never added after normalisation. The same noise level is used on
+the validation and test inputs, so the logged accuracies are those of the base classifier f
+under the noise its smoothed version g will be certified with.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pytorch_lightning import LightningModule
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from certify.validation import check_sigma, check_top_k
+from lightning_modules.models import build_network
+
+RNG_KEY = "rng_states"
+
+
+def rng_states() -> dict[str, Any]:
+    """The states of every random number generator that training draws from.
+
+    Plain tensors, lists and numbers only, so that ``torch.load(weights_only=True)`` reads them.
+    """
+    # numpy's legacy global generator: the one Lightning's seed_everything seeds.
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": (name, keys.tolist(), pos, has_gauss, cached),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()  # this process's device
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    keys = np.asarray(keys, dtype=np.uint32)
+    np.random.set_state((name, keys, pos, has_gauss, cached))  # noqa: NPY002
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+class NoisyClassifier(LightningModule):
+    """Trains ``net`` with cross-entropy on inputs plus fresh Gaussian noise of level ``sigma``.
+
+    Attributes used by certification: ``net`` (``(B, C, H, W)`` pixels in [0, 1] -> ``(B,
+    num_classes)`` logits, normalisation first), ``sigma`` (float) and ``num_classes`` (int).
+
+    Args:
+        arch: network name in ``lightning_modules.models.MODELS`` (e.g. ``digits_cnn``,
+            ``cifar_resnet110``, ``resnet50``).
+        num_classes: number of labels (linked from the datamodule by the CLI).
+        mean: per-channel mean of the normalisation layer (linked from the datamodule).
+        std: per-channel standard deviation of the normalisation layer (linked from the datamodule).
+        sigma: standard deviation of the Gaussian noise, in [0, 1] pixel units.
+        weights: pretrained weights: a torchvision weights name of ``arch`` (``IMAGENET1K_V2``,
+            ``DEFAULT``) or a state dict file; ``None`` trains from scratch. To reload a trained
+            checkpoint offline, pass ``weights=None`` to ``load_from_checkpoint``.
+        top_k: the k of the logged top-k accuracies ``{val,test}/acc_top{k}``.
+        optimizer: builds the optimizer from the parameters. Default: the published recipe,
+            SGD with lr 0.1, momentum 0.9 and weight decay 1e-4.
+        lr_scheduler: builds the (per-epoch) LR schedule from the optimizer, or ``None``.
+            Default: the published recipe, LR x 0.1 every 30 epochs.
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        num_classes: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        sigma: float = 0.25,
+        weights: str | None = None,
+        top_k: Sequence[int] = (1, 5),
+        optimizer: OptimizerCallable = lambda params: torch.optim.SGD(
+            params, lr=0.1, momentum=0.9, weight_decay=1e-4
+        ),
+        lr_scheduler: LRSchedulerCallable | None = lambda optimizer: (
+            torch.optim.lr_scheduler.StepLR(optimizer, step_size=30, gamma=0.1)
+        ),
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        for key in ("optimizer", "lr_scheduler"):
+            # From the CLI these are config dicts (resume re-reads them from the checkpoint);
+            # code given in Python (functions, lambdas) cannot be saved in a checkpoint.
+            if callable(self.hparams.get(key)):
+                del self.hparams[key]
+        self.sigma = check_sigma(sigma)
+        self.num_classes = num_classes
+        self.top_k = check_top_k(tuple(top_k), num_classes)
+        self.net = build_network(arch, num_classes, tuple(mean), tuple(std), weights)
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.val_metrics = self._accuracies("val/")
+        self.test_metrics = self._accuracies("test/")
+        self._resume_rng: dict[str, Any] | None = None
+
+    def _accuracies(self, prefix: str) -> MetricCollection:
+        return MetricCollection(
+            {
+                f"acc_top{k}": MulticlassAccuracy(self.num_classes, top_k=k, average="micro")
+                for k in self.top_k
+            },
+            prefix=prefix,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the base classifier on (clean) pixels ``x`` ``(B, C, H, W)``."""
+        return self.net(x)  # (B, num_classes)
+
+    def add_noise(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` plus fresh N(0, sigma^2) noise, in pixel space and in x's (float) dtype."""
+        return x + self.sigma * torch.randn_like(x)  # (B, C, H, W)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        x, y = batch  # (B, C, H, W), (B,)
+        loss = F.cross_entropy(self.net(self.add_noise(x)), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _evaluate(self, batch, metrics: MetricCollection, stage: str) -> None:
+        x, y = batch  # (B, C, H, W), (B,)
+        logits = self.net(self.add_noise(x))  # (B, num_classes)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True)
+        metrics.update(logits, y)
+        self.log_dict(metrics, prog_bar=True)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self.net(x)  # (B, num_classes)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "epoch"}
+        if isinstance(scheduler["scheduler"], ReduceLROnPlateau):
+            scheduler["monitor"] = "val/loss"
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    # Exact resume: the noise, the shuffling and dropout continue where the checkpoint left off.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RNG_KEY] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resume_rng = checkpoint.get(RNG_KEY)
+
+    def on_fit_start(self) -> None:
+        # Before the first training batches are drawn (Lightning isolates the sanity check's
+        # random numbers, and creates the first epoch's loader iterator before on_train_start).
+        if self._resume_rng is not None:
+            set_rng_states(self._resume_rng)
+            self._resume_rng = None

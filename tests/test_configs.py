@@ -1,0 +1,94 @@
+"""Every shipped config parses and instantiates (model, data, trainer), alone and under DDP."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.strategies import DDPStrategy
+
+from lightning_modules import NoisyClassifier, NormalizeLayer
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SHIPPED = sorted(path.name for path in CONFIGS.glob("*.yaml"))
+DDP_ON_CPU = ["--trainer.strategy", "ddp", "--trainer.accelerator", "cpu", "--trainer.devices", "2"]
+
+
+@pytest.fixture
+def config_args(cifar10_root, imagenet_root, seed_torch_hub):
+    """``args(name)``: the arguments that build config ``name`` on this machine's test data."""
+
+    def args(name: str) -> list[str]:
+        cifar = ["--data.data_dir", str(cifar10_root[0]), "--data.verify_md5", "false"]
+        imagenet = ["--data.data_dir", str(imagenet_root)]
+        extra = {
+            "digits.yaml": [],
+            "cifar10_resnet110.yaml": cifar,
+            "imagenet_resnet50.yaml": imagenet,
+            "imagenet_resnet50_finetune.yaml": imagenet,
+            "ddp.yaml": ["--trainer.accelerator", "cpu", "--trainer.devices", "2"],
+        }
+        assert name in extra, f"configs/{name} is shipped but not tested: add it here"
+        if name == "imagenet_resnet50_finetune.yaml":
+            seed_torch_hub("resnet50", "IMAGENET1K_V2")
+        configs = [CONFIGS / name]
+        if name == "ddp.yaml":  # a trainer-only config, given after a model config
+            configs.insert(0, CONFIGS / "digits.yaml")
+        return [arg for path in configs for arg in ("--config", str(path))] + extra[name]
+
+    return args
+
+
+def check_common(cli) -> None:
+    model, data = cli.model, cli.datamodule
+    assert isinstance(model, NoisyClassifier) and model.num_classes == data.num_classes
+    assert isinstance(model.net[0], NormalizeLayer)
+    assert model.net[0].mean.flatten().tolist() == pytest.approx(list(data.mean))
+    assert model.net[0].std.flatten().tolist() == pytest.approx(list(data.std))
+    assert model.hparams.num_classes == data.num_classes
+    assert isinstance(cli.trainer.logger, WandbLogger)
+    checkpoints = [cb for cb in cli.trainer.callbacks if isinstance(cb, ModelCheckpoint)]
+    assert [cb.monitor for cb in checkpoints] == ["val/acc_top1", None]  # best and latest
+    assert cli.trainer.checkpoint_callback.mode == "max"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("ddp", [False, True], ids=["plain", "ddp"])
+def test_config_builds(isolated_run, lightning_cli, config_args, name, ddp):
+    cli = lightning_cli(*config_args(name), *(DDP_ON_CPU if ddp else []), run=False)
+    check_common(cli)
+    if ddp or name == "ddp.yaml":
+        assert isinstance(cli.trainer.strategy, DDPStrategy) and cli.trainer.num_devices == 2
+
+
+def published_recipe(model: NoisyClassifier, epochs: int, max_epochs: int) -> None:
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    group = optimizer.param_groups[0]
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.1, 0.9, 1e-4)
+    assert (scheduler.step_size, scheduler.gamma, max_epochs) == (30, 0.1, epochs)
+
+
+@pytest.mark.parametrize("sigma", ["0.12", "0.25", "0.5", "1.0"])
+def test_cifar10_resnet110_recipe_and_sigma_override(
+    isolated_run, lightning_cli, config_args, sigma
+):
+    cli = lightning_cli(*config_args("cifar10_resnet110.yaml"), "--model.sigma", sigma, run=False)
+    assert cli.model.sigma == float(sigma) and cli.model.hparams.sigma == float(sigma)
+    assert len(cli.model.net[1].layer1) == 18  # ResNet-110
+    published_recipe(cli.model, 90, cli.trainer.max_epochs)
+
+
+def test_imagenet_configs(isolated_run, lightning_cli, config_args):
+    scratch = lightning_cli(*config_args("imagenet_resnet50.yaml"), run=False)
+    published_recipe(scratch.model, 90, scratch.trainer.max_epochs)
+    assert scratch.model.num_classes == 6 and scratch.model.net[1].fc.out_features == 6
+
+    tuned = lightning_cli(*config_args("imagenet_resnet50_finetune.yaml"), run=False)
+    seeded = torch.load("torch-home/hub/checkpoints/resnet50-11ad3fa6.pth", weights_only=True)
+    backbone = tuned.model.net[1].state_dict()
+    assert all(torch.equal(backbone[k], v) for k, v in seeded.items() if not k.startswith("fc."))
+    assert tuned.model.net[1].fc.out_features == 6  # a new head for the 6 classes of the data
+    assert tuned.model.hparams.weights == "IMAGENET1K_V2"

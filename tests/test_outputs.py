@@ -1,0 +1,78 @@
+"""The certify output directory: torn lines, refusal of mixed settings, deterministic merge."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from certify.countfile import read_counts
+from certify.outputs import CertifyOutput, OutputError
+
+META = {"n": 100, "alpha": 0.001, "sigma": 0.25, "seed": 0}
+
+
+def write_rows(out, rank, indices):
+    fd = out.open_part(rank)
+    kmax, radii = max(out.top_k), [0.5, float("nan")][: len(out.top_k)]
+    rows = [out.row(i, i % 3, [i % 3, 0][:kmax], radii, 0.01, [i, 100 - i, 0]) for i in indices]
+    out.append(fd, rows)
+    os.close(fd)
+
+
+def test_merge_is_sorted_and_independent_of_who_wrote_what(tmp_path):
+    merged = []
+    for split in ([range(0, 10)], [range(0, 10, 2), range(1, 10, 2)], [range(9, -1, -1)]):
+        out = CertifyOutput(tmp_path / f"run{len(merged)}", META, top_k=(1, 2))
+        out.prepare()
+        for rank, indices in enumerate(split):
+            write_rows(out, rank, list(indices))
+        assert out.merge(range(10))
+        merged.append(((out.directory / "certify.tsv").read_text(), (out.directory / "counts.txt").read_text()))
+    assert merged[0] == merged[1] == merged[2]
+    header = merged[0][0].splitlines()[0].split("\t")
+    assert header == ["idx", "label", "pred1", "pred2", "radius_top1", "radius_top2", "seconds"]
+    counts, labels = read_counts(tmp_path / "run0" / "counts.txt")
+    np.testing.assert_array_equal(counts[:, 0], np.arange(10))
+    np.testing.assert_array_equal(labels, np.arange(10) % 3)
+
+
+def test_incomplete_run_is_not_merged(tmp_path):
+    out = CertifyOutput(tmp_path, META, top_k=(1,))
+    out.prepare()
+    write_rows(out, 0, [0, 1])
+    assert not out.merge(range(3))
+    assert not (tmp_path / "certify.tsv").exists()
+
+
+def test_torn_last_line_is_ignored_and_cut(tmp_path):
+    out = CertifyOutput(tmp_path, META, top_k=(1,))
+    out.prepare()
+    write_rows(out, 0, [0, 1])
+    with open(out.part_path(0), "a") as handle:
+        handle.write("2\t2\t2\t0.7")  # killed in the middle of a row
+    assert sorted(out.read_parts()) == [0, 1]
+    write_rows(out, 0, [2])  # the rerun cuts the torn piece before appending
+    assert out.part_path(0).read_text().count("\n") == 3
+    assert out.merge(range(3))
+
+
+@pytest.mark.parametrize("key", ["n", "alpha", "sigma", "seed"])
+def test_other_settings_are_refused(tmp_path, key):
+    CertifyOutput(tmp_path, META, top_k=(1,)).prepare()
+    changed = dict(META, **{key: META[key] * 2 + 1})
+    with pytest.raises(OutputError, match=f"{key} = "):
+        CertifyOutput(tmp_path, changed, top_k=(1,)).prepare()
+    assert json.loads((tmp_path / "certify.json").read_text()) == META
+
+
+def test_unwritable_directory(tmp_path):
+    if os.geteuid() == 0:
+        target = tmp_path / "file"
+        target.write_text("not a directory")
+        with pytest.raises(OutputError, match="cannot create output directory"):
+            CertifyOutput(target / "out", META, top_k=(1,)).prepare()
+    else:
+        tmp_path.chmod(0o500)
+        with pytest.raises(OutputError):
+            CertifyOutput(tmp_path / "out", META, top_k=(1,)).prepare()

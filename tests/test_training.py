@@ -1,0 +1,136 @@
+"""``topk-smoothing fit`` on digits: W&B offline, checkpoints, exact resume, start-up errors."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_modules import NoisyClassifier
+from lightning_modules.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+DIGITS = str(CONFIGS / "digits.yaml")
+SHORT = ["--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2"]
+
+
+def test_fast_dev_run_fit_on_digits(isolated_run):
+    assert main(["fit", "--config", DIGITS, "--trainer.fast_dev_run", "true"]) == 0
+
+
+def test_fit_logs_offline_to_wandb_and_keeps_everything_under_runs(isolated_run, lightning_cli):
+    import wandb
+
+    args = ["--trainer.max_epochs", "2", "--trainer.limit_test_batches", "2", *SHORT]
+    try:
+        cli = lightning_cli("fit", "--config", DIGITS, *args)
+        logger = cli.trainer.logger
+        config = dict(logger.experiment.config)  # the run config holds the resolved config
+        logged = set(logger.experiment.summary.keys())
+        run_dir = Path("runs") / "topk-smoothing-digits" / logger.version
+    finally:
+        wandb.finish()
+    assert config["model"]["init_args"]["sigma"] == 0.25
+    assert config["model"]["init_args"]["num_classes"] == 10  # linked from the data
+    assert config["model"]["init_args"]["optimizer"]["class_path"] == "torch.optim.Adam"
+    assert config["data"]["class_path"] == "datamodules.DigitsDataModule"
+    assert config["trainer"]["max_epochs"] == 2
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())  # reusable: no link targets
+    assert saved["model"]["init_args"]["sigma"] == 0.25 and "num_classes" not in saved["model"]
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["best-epoch001.ckpt", "last.ckpt"] or checkpoints == [
+        "best-epoch000.ckpt",
+        "last.ckpt",
+    ]
+    assert list(Path("runs", "wandb").glob("offline-run-*/run-*.wandb"))
+    assert {p.name for p in Path(".").iterdir()} <= {"runs", "torch-home"} | {
+        p.name for p in Path(".").glob(".wandb-*")
+    }
+    assert {"train/loss", "val/loss", "val/acc_top1", "val/acc_top3", "test/acc_top1"} <= logged
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    reloaded = NoisyClassifier.load_from_checkpoint(last)
+    assert reloaded.sigma == 0.25 and reloaded.num_classes == 10
+    x = torch.rand(4, 1, 8, 8)
+    torch.testing.assert_close(reloaded.eval()(x), cli.model.eval()(x))
+    test_args = ["--ckpt_path", str(last), "--trainer.logger", "false"]
+    test_args += ["--trainer.limit_test_batches", "1"]
+    assert main(["test", "--config", str(run_dir / "config.yaml"), *test_args]) == 0
+
+
+def final_state(folder: str) -> dict:
+    checkpoint = torch.load(Path(folder, "checkpoints", "last.ckpt"), weights_only=False)
+    return {"epoch": checkpoint["epoch"], **checkpoint["state_dict"]}
+
+
+def test_resume_from_checkpoint_is_exact(isolated_run, lightning_cli):
+    """Two epochs in one go equal one epoch, then a resumed second one (noise included)."""
+    common = ["--config", DIGITS, "--trainer.logger", "false", "--test_after_fit", "false", *SHORT]
+    common += ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+    def fit(epochs: int, folder: str, *more: str) -> None:
+        root = ["--trainer.default_root_dir", folder]
+        lightning_cli("fit", *common, "--trainer.max_epochs", str(epochs), *root, *more)
+
+    fit(2, "a")
+    fit(1, "b")
+    halfway = final_state("b")
+    fit(2, "b", "--ckpt_path", "b/checkpoints/last.ckpt")
+    straight, resumed = final_state("a"), final_state("b")
+    assert straight["epoch"] == resumed["epoch"] == 1 and halfway["epoch"] == 0
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        if key != "epoch":
+            assert torch.equal(straight[key], resumed[key]), key
+    assert not torch.equal(halfway["net.1.fc.weight"], straight["net.1.fc.weight"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model.sigma", "0"], "sigma must be a finite number > 0, got 0.0"),
+        (["--model.sigma", "-0.5"], "sigma must be a finite number > 0, got -0.5"),
+        (
+            ["--model.sigma", "abc"],
+            "Parser key \"sigma\": Expected a <class 'float'>. Got value: abc",
+        ),
+        (["--model.arch", "resnet5"], "unknown model 'resnet5'; choose one of: cifar_resnet110, "),
+        (
+            ["--model.arch", "resnet50", "--model.weights", "IMAGENET9"],
+            "'IMAGENET9' is neither a file nor a weights name of resnet50 (choose one of: DEFAULT",
+        ),
+        (["--model.weights", "nowhere/w.pth"], "weights file 'nowhere/w.pth' does not exist"),
+        (["--ckpt_path", "missing.ckpt"], "checkpoint 'missing.ckpt' does not exist"),
+        (["--trainer.max_epochs", "many"], 'Parser key "trainer.max_epochs"'),
+        (["--data.batch_size", "0"], "batch_size must be >= 1, got 0"),
+    ],
+)
+def test_bad_settings_fail_at_start_up_in_one_line(isolated_run, capsys, args, message):
+    assert main(["fit", "--config", DIGITS, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("topk-smoothing fit: error: ") and err.count("\n") == 1
+    assert message in err
+
+
+@pytest.mark.parametrize("config", ["cifar10_resnet110.yaml", "imagenet_resnet50.yaml"])
+def test_missing_data_directory_fails_at_start_up(isolated_run, capsys, config):
+    args = ["--config", str(CONFIGS / config), "--data.data_dir", "no/such/dir"]
+    assert main(["fit", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "data_dir 'no/such/dir' is not a directory" in err
+
+
+def test_console_error_is_the_only_output(isolated_run):
+    """The real console path: exit status 2, one line on stderr, no traceback, nothing written."""
+    command = [sys.executable, "-m", "certify", "fit", "--config", DIGITS, "--model.sigma", "-1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's package
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        "topk-smoothing fit: error: sigma must be a finite number > 0, got -1.0"
+    ]
+    assert done.stdout == "" and not Path("runs").exists()
