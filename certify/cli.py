@@ -19,7 +19,7 @@ from certify.countfile import read_counts, write_atomic
 from certify.radius import certified_radius
 from certify.report import configure_report, run_report
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict", "certify")
 
 
 class UsageError(ValueError):

@@ -21,6 +21,7 @@ from certify.outputs import RESULTS, CertifyOutput
 from certify.radius import certified_radius
 from certify.report import write_report
 from certify.smoothing import DEFAULT_BATCH_SIZE, SmoothedClassifier
+from certify.validation import check_alpha, check_bounds, check_sigma
 
 
 def file_sha256(path: str | Path) -> str:
@@ -83,7 +84,7 @@ class CertifyTask(pl.LightningModule):
         self.trainer.strategy.barrier("certify-open")  # everyone has read the parts
         self._fd = self.output.open_part(self.global_rank)
 
-    def predict_step(self, batch, batch_idx: int) -> None:
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, labels, indices = batch  # (b, C, H, W), (b,), (b,)
         opts = self.options
         start = time.perf_counter()
@@ -101,6 +102,7 @@ class CertifyTask(pl.LightningModule):
             for i, y, top, r, c in zip(indices, labels, order, radii, counts, strict=True)
         ]
         self.output.append(self._fd, rows)
+        return radii
 
     def on_predict_end(self) -> None:
         import os
@@ -154,6 +156,23 @@ def _check_int(name: str, value, low: int, optional: bool = False) -> None:
         raise CertifySettingsError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
+def check_settings(n, alpha, bounds, split, skip, max_examples, batch_size, sigma) -> None:
+    """Reject impossible ``certify`` settings before anything is built."""
+    _check_int("n", n, 1)
+    _check_int("skip", skip, 1)
+    _check_int("max_examples", max_examples, 1, optional=True)
+    _check_int("batch_size", batch_size, 1, optional=True)
+    if split not in ("test", "val"):
+        raise CertifySettingsError(f"split must be 'test' or 'val', got {split!r}")
+    try:
+        check_alpha(alpha)
+        check_bounds(bounds)
+        if sigma is not None:
+            check_sigma(sigma)
+    except ValueError as err:
+        raise CertifySettingsError(str(err)) from None
+
+
 class CertifyingTrainer(pl.Trainer):
     """A Lightning ``Trainer`` with one more entry point, ``certify``."""
 
@@ -196,16 +215,9 @@ class CertifyingTrainer(pl.Trainer):
             True when every selected example is certified and the report is written.
         """
         from certify.checkpoints import load_network_weights
-        from certify.validation import check_alpha, check_bounds, check_sigma
 
-        _check_int("n", n, 1)
-        _check_int("skip", skip, 1)
-        _check_int("max_examples", max_examples, 1, optional=True)
-        _check_int("batch_size", batch_size, 1, optional=True)
-        if split not in ("test", "val"):
-            raise CertifySettingsError(f"split must be 'test' or 'val', got {split!r}")
+        check_settings(n, alpha, bounds, split, skip, max_examples, batch_size, sigma)
         try:
-            check_alpha(alpha), check_bounds(bounds)
             sigma = check_sigma(float(model.sigma) if sigma is None else sigma)
         except ValueError as err:
             raise CertifySettingsError(str(err)) from None

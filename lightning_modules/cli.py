@@ -20,6 +20,10 @@ from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
+from certify.checkpoints import CheckpointError
+from certify.outputs import OutputError
+from certify.runner import CertifyingTrainer, CertifySettingsError
+from certify.runner import check_settings as check_certify_settings
 from datamodules.base import ImageClassificationDataModule
 from lightning_modules.module import NoisyClassifier
 
@@ -99,9 +103,15 @@ class TopkLightningCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_callback", ConfigToLoggers)
+        kwargs.setdefault("trainer_class", CertifyingTrainer)
         parser_kwargs = {"prog": "topk-smoothing", "exit_on_error": False}
         parser_kwargs.update(kwargs.pop("parser_kwargs", None) or {})
         super().__init__(args=args, run=run, parser_kwargs=parser_kwargs, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """LightningCLI's subcommands plus ``certify`` (``CertifyingTrainer.certify``)."""
+        return {**LightningCLI.subcommands(), "certify": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for key in LINKED_FROM_DATA:
@@ -121,7 +131,16 @@ class TopkLightningCLI(LightningCLI):
                 self.config = parser.parse_args(args)
         except ArgumentError as err:
             raise StartupError(parse_error_message(err)) from None
-        ckpt_path = self.config.get(f"{self.config.get('subcommand')}.ckpt_path")
+        subcommand = self.config.get("subcommand")
+        if subcommand == "certify":
+            c = self.config.certify
+            try:
+                check_certify_settings(
+                    c.n, c.alpha, c.bounds, c.split, c.skip, c.max_examples, c.batch_size, c.sigma
+                )
+            except CertifySettingsError as err:
+                raise StartupError(str(err)) from None
+        ckpt_path = self.config.get(f"{subcommand}.ckpt_path")
         local = ckpt_path and not ckpt_path.startswith(CKPT_KEYWORDS) and "://" not in ckpt_path
         if local and not Path(ckpt_path).is_file():
             raise StartupError(f"checkpoint {ckpt_path!r} does not exist")
@@ -142,14 +161,28 @@ class TopkLightningCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
 
 
+def list_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """``--k 1 3 5`` -> ``--k=[1,3,5]``: space-separated lists, as in ``topk-smoothing radius``."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        values = []
+        while arg in names and i < len(argv) and not argv[i].startswith(("--", "[")):
+            values.append(argv[i])
+            i += 1
+        out.append(f"{arg}=[{','.join(values)}]" if values else arg)
+    return out
+
+
 def main(argv: list[str]) -> int:
     """Run ``topk-smoothing <fit|validate|test|predict> ...``; 2 on a start-up mistake."""
     prog = " ".join(["topk-smoothing", *argv[:1]])
     # The seed is in the config: keep a start-up error the only line a mistake prints.
     logging.getLogger("lightning_fabric.utilities.seed").setLevel(logging.WARNING)
     try:
-        TopkLightningCLI(args=list(argv))
-    except StartupError as err:
+        TopkLightningCLI(args=list_options(list(argv), ("--k",)))
+    except (StartupError, CertifySettingsError, CheckpointError, OutputError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,147 @@
+"""CertificationCallback: live certified top-k accuracy, in W&B, identical on 1 and 2 processes."""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import wandb
+import pytorch_lightning as pl
+import yaml
+
+from certify import CertificationCallback
+from datamodules import DigitsDataModule
+from lightning_modules import NoisyClassifier
+from lightning_modules.cli import main as cli_main
+from tests.wandb_records import history
+
+REPO = Path(__file__).resolve().parents[1]
+TOP_K, RADII = (1, 3, 5), (0.0, 0.25, 0.5)
+KEYS = [f"val/certified_top{k}@{r:g}" for k in TOP_K for r in RADII] + [
+    *(f"val/acr_top{k}" for k in TOP_K),
+    "val/certify_seconds",
+]
+
+
+def small_config(directory: Path, logger: dict | None = None, **callback) -> Path:
+    """configs/digits.yaml with a cheap certification and few epochs."""
+    config = yaml.safe_load((REPO / "configs" / "digits.yaml").read_text())
+    config["trainer"]["max_epochs"] = 2
+    config["trainer"]["enable_progress_bar"] = False
+    config["test_after_fit"] = False
+    for entry in config["trainer"]["callbacks"]:
+        if entry["class_path"] == "certify.CertificationCallback":
+            entry["init_args"].update(
+                {"n": 200, "num_examples": 41, "every_n_epochs": 1, "radii": list(RADII), **callback}
+            )
+    if logger is not None:
+        config["trainer"]["logger"] = logger
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def digits_fit(tmp_path_factory):
+    """One short digits run through the real CLI, W&B offline (module-scoped)."""
+    directory = tmp_path_factory.mktemp("digits_fit")
+    config = small_config(directory)
+    cwd = os.getcwd()
+    os.chdir(directory)
+    try:
+        assert cli_main(["fit", "--config", str(config)]) == 0
+    finally:
+        wandb.finish()  # flush the offline run file, as the end of a process does
+        os.chdir(cwd)
+    return directory
+
+
+def test_every_certified_epoch_reaches_wandb(digits_fit):
+    (run_file,) = digits_fit.glob("runs/wandb/offline-run-*/run-*.wandb")
+    rows = [row for row in history(run_file) if "val/certified_top1@0" in row]
+    assert len(rows) == 2  # one per epoch
+    for row in rows:
+        for key in KEYS:
+            assert key in row and math.isfinite(row[key]), key
+            assert 0 <= row[key] <= (math.inf if "seconds" in key or "acr" in key else 1)
+        # certified accuracy can only fall with the radius and rise with k
+        for k in TOP_K:
+            values = [row[f"val/certified_top{k}@{r:g}"] for r in RADII]
+            assert values == sorted(values, reverse=True)
+        assert row["val/certified_top1@0"] <= row["val/certified_top3@0"]
+    curves = [row for row in history(run_file) if "val/certified_accuracy_curve_table/_type" in row]
+    assert len(curves) == 2  # the line-series chart, refreshed each time
+
+
+def _read_csv_metrics(directory: Path) -> dict:
+    (path,) = directory.glob("**/metrics.csv")
+    with open(path) as handle:
+        rows = list(csv.DictReader(handle))
+    merged = {}
+    for row in rows:
+        merged.update({k: v for k, v in row.items() if v not in ("", None)})
+    return {k: v for k, v in merged.items() if k.startswith("val/c") or k.startswith("val/acr")}
+
+
+@pytest.mark.ddp
+def test_validate_is_bit_identical_on_one_and_two_processes(digits_fit, tmp_path):
+    (ckpt,) = digits_fit.glob("runs/**/checkpoints/last.ckpt")
+    results = []
+    for devices in (1, 2):
+        logger = {
+            "class_path": "pytorch_lightning.loggers.CSVLogger",
+            "init_args": {"save_dir": f"csv{devices}", "name": "validate"},
+        }
+        config = small_config(tmp_path, logger=logger, n=256, num_examples=90)
+        command = [sys.executable, "-m", "certify", "validate", "--config", str(config)]
+        command += ["--ckpt_path", str(ckpt), "--trainer.devices", str(devices)]
+        if devices > 1:
+            command += ["--trainer.strategy", "ddp"]
+        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        results.append(_read_csv_metrics(tmp_path / f"csv{devices}"))
+    assert set(results[0]) >= set(KEYS) - {"val/certify_seconds"}
+    certified = {k: v for k, v in results[0].items() if k != "val/certify_seconds"}
+    assert certified == {k: v for k, v in results[1].items() if k != "val/certify_seconds"}
+
+
+class TestFailsEarly:
+    def trainer(self, callback):
+        return pl.Trainer(
+            callbacks=[callback], logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, max_epochs=1, limit_train_batches=1,
+        )  # fmt: skip
+
+    def model_and_data(self):
+        data = DigitsDataModule(batch_size=64)
+        model = NoisyClassifier("digits_cnn", data.num_classes, data.mean, data.std, sigma=0.25)
+        return model, data
+
+    def test_k_not_below_num_classes(self):
+        model, data = self.model_and_data()
+        with pytest.raises(ValueError, match="1 <= k < num_classes = 10"):
+            self.trainer(CertificationCallback(top_k=[1, 10], n=10)).validate(model, data)
+
+    def test_no_validation_data(self):
+        model, data = self.model_and_data()
+        data.val_dataloader = lambda: None
+        with pytest.raises(ValueError, match="no validation data"):
+            self.trainer(CertificationCallback(n=10)).fit(model, data)
+
+    @pytest.mark.parametrize(
+        ("kwargs", "match"),
+        [({"n": 0}, "n must be"), ({"alpha": 0}, "alpha"), ({"every_n_epochs": 0}, "every_n")],
+    )
+    def test_impossible_settings(self, kwargs, match):
+        with pytest.raises(ValueError, match=match):
+            CertificationCallback(**kwargs)
+
+    def test_default_top_k_is_capped_below_num_classes(self):
+        callback = CertificationCallback(n=5, num_examples=3)
+        data = DigitsDataModule(batch_size=64)
+        model = NoisyClassifier("digits_cnn", 10, data.mean, data.std, sigma=0.25)
+        self.trainer(callback).validate(model, data)
+        assert callback.top_k == (1, 3, 5) and len(callback.indices) == 3
