@@ -144,7 +144,7 @@ class CertifiedTopKAccuracy(Metric):
         import matplotlib.pyplot as plt
 
         val = self.compute() if val is None else val
-        fig, ax = (plt.subplots(figsize=(5, 3.5)) if ax is None else (ax.get_figure(), ax))
+        fig, ax = plt.subplots(figsize=(5, 3.5)) if ax is None else (ax.get_figure(), ax)
         for k in self.top_k:
             ys = [float(val[radius_key(k, r)]) for r in self.radii]
             ax.plot(self.radii, ys, marker="o", label=f"top-{k}")

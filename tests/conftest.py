@@ -148,3 +148,29 @@ def lightning_cli():
         return TopkLightningCLI(args=[str(a) for a in args], run=run)
 
     return cli
+
+
+@pytest.fixture(scope="session")
+def digits_checkpoint(tmp_path_factory) -> Path:
+    """A digits_cnn trained for a few epochs under noise, saved as a Lightning checkpoint."""
+    import pytorch_lightning as pl
+    import torch
+
+    from datamodules import DigitsDataModule
+    from lightning_modules import NoisyClassifier
+
+    pl.seed_everything(0, verbose=False)
+    data = DigitsDataModule(batch_size=64)
+    model = NoisyClassifier(
+        "digits_cnn", data.num_classes, data.mean, data.std, sigma=0.25,
+        optimizer=lambda params: torch.optim.Adam(params, lr=3e-3),
+        lr_scheduler=None,
+    )  # fmt: skip
+    trainer = pl.Trainer(
+        max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", devices=1,
+    )  # fmt: skip
+    trainer.fit(model, data)
+    path = tmp_path_factory.mktemp("digits_checkpoint") / "digits.ckpt"
+    trainer.save_checkpoint(path)
+    return path

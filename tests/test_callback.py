@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import wandb
 import pytorch_lightning as pl
+import wandb
 import yaml
 
 from certify import CertificationCallback
@@ -35,7 +35,13 @@ def small_config(directory: Path, logger: dict | None = None, **callback) -> Pat
     for entry in config["trainer"]["callbacks"]:
         if entry["class_path"] == "certify.CertificationCallback":
             entry["init_args"].update(
-                {"n": 200, "num_examples": 41, "every_n_epochs": 1, "radii": list(RADII), **callback}
+                {
+                    "n": 200,
+                    "num_examples": 41,
+                    "every_n_epochs": 1,
+                    "radii": list(RADII),
+                    **callback,
+                }
             )
     if logger is not None:
         config["trainer"]["logger"] = logger

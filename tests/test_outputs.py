@@ -28,7 +28,8 @@ def test_merge_is_sorted_and_independent_of_who_wrote_what(tmp_path):
         for rank, indices in enumerate(split):
             write_rows(out, rank, list(indices))
         assert out.merge(range(10))
-        merged.append(((out.directory / "certify.tsv").read_text(), (out.directory / "counts.txt").read_text()))
+        files = ("certify.tsv", "counts.txt")
+        merged.append(tuple((out.directory / name).read_text() for name in files))
     assert merged[0] == merged[1] == merged[2]
     header = merged[0][0].splitlines()[0].split("\t")
     assert header == ["idx", "label", "pred1", "pred2", "radius_top1", "radius_top2", "seconds"]
