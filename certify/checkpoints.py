@@ -67,8 +67,10 @@ def network_state(checkpoint: dict, path: str | Path, arch: str | None) -> tuple
     return net, "lightning"
 
 
-def load_network_weights(net: nn.Module, path: str | Path, arch: str | None = None) -> str:
-    """Load a checkpoint of either format into ``net``; returns ``"lightning"`` or ``"cohen"``.
+def fitting_network_state(
+    net: nn.Module, path: str | Path, arch: str | None = None
+) -> tuple[dict, str]:
+    """The checkpoint's network weights and format, checked against ``net`` (nothing loaded).
 
     Raises:
         CheckpointError: missing or unreadable file, another architecture, another number of
@@ -90,6 +92,16 @@ def load_network_weights(net: nn.Module, path: str | Path, arch: str | None = No
         raise CheckpointError(
             f"checkpoint {str(path)!r} does not fit the model ({detail}): another architecture?"
         )
+    return state, kind
+
+
+def load_network_weights(net: nn.Module, path: str | Path, arch: str | None = None) -> str:
+    """Load a checkpoint of either format into ``net``; returns ``"lightning"`` or ``"cohen"``.
+
+    Raises:
+        CheckpointError: as :func:`fitting_network_state`.
+    """
+    state, kind = fitting_network_state(net, path, arch)
     net.load_state_dict(state)
     if kind == "cohen":
         mean, std = COHEN_NORMALIZATION.get(arch or "", (None, None))

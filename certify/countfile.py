@@ -99,6 +99,9 @@ def write_atomic(path: str | os.PathLike, chunks: Iterable[str]) -> None:
         raise OSError(err.errno, f"cannot write there ({err.strerror})", str(path)) from None
     try:
         with os.fdopen(fd, "w", newline="\n") as handle:
+            umask = os.umask(0o022)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide the results from others
             for chunk in chunks:
                 handle.write(chunk)
             handle.flush()

@@ -117,13 +117,18 @@ class CertifyOutput:
         ]  # fmt: skip
         return "\t".join(fields) + "\n"
 
-    @staticmethod
-    def append(fd: int, lines: Sequence[str]) -> None:
+    def append(self, fd: int, lines: Sequence[str]) -> None:
         data = "".join(lines).encode()
-        while data:
-            written = os.write(fd, data)
-            data = data[written:]
-        os.fsync(fd)
+        try:
+            while data:
+                written = os.write(fd, data)
+                data = data[written:]
+            os.fsync(fd)
+        except OSError as err:  # e.g. a full disk: the rows before stay, a torn one is cut
+            raise OutputError(
+                f"cannot write to {self.directory / 'parts'}: {err.strerror}; the finished "
+                "examples are kept, rerun the same command to continue"
+            ) from None
 
     # ------------------------------------------------------------------ merge
     def merge(self, selected: Sequence[int]) -> bool:

@@ -163,5 +163,7 @@ def configure_report(parser: argparse.ArgumentParser) -> None:
 
 
 def run_report(args: argparse.Namespace) -> None:
+    if args.n is not None and args.n < 1:
+        raise ReportError(f"n must be an integer >= 1, got {args.n}")
     result = write_report(args.tsv, args.radii, args.output_dir, args.n)
     print((result["output_dir"] / "report.md").read_text(), end="")

@@ -9,17 +9,22 @@ on the process that handles it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import itertools
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from certify.batching import LabelForward, auto_batch_size
 from certify.bounds import simuem_bounds
+from certify.packing import capacity, plan
 from certify.radius import certified_radius
 from certify.validation import check_alpha, check_sigma, check_top_k
 
 NOISE_CHUNK = 128
+#: A typical batch size, for callers planning how many inputs to pass per call; the sampler
+#: itself tunes the batch size when none is given (``SmoothedClassifier.auto_batch_size``).
 DEFAULT_BATCH_SIZE = 1000
 _MASK64 = (1 << 64) - 1
 
@@ -32,19 +37,30 @@ def _mix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
+def _stream_seed(seed: int, example_id: int) -> int:
+    """The part of ``chunk_seed`` shared by all chunks of one input."""
+    return _mix64(_mix64(seed & _MASK64) ^ (example_id & _MASK64))
+
+
 def chunk_seed(seed: int, example_id: int, chunk: int) -> int:
     """Seed of one chunk of one input's noise stream (a 63-bit integer)."""
-    return _mix64(_mix64(_mix64(seed & _MASK64) ^ (example_id & _MASK64)) ^ chunk) >> 1
+    return _mix64(_stream_seed(seed, example_id) ^ chunk) >> 1
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    for tensor in (*model.parameters(), *model.buffers()):
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
         return tensor.device
     return torch.device("cpu")
 
 
 class SmoothedClassifier:
     """Randomized smoothing of a base classifier ``model`` with noise N(0, sigma^2 I).
+
+    Sampling runs on the model's device: the noise is drawn there, several inputs share a
+    forward batch when n is small, the counts stay there (no host round trip per batch) and
+    at most one batch of noisy inputs exists at a time. Without an explicit ``batch_size``
+    the sampler uses the batch size with the best forward throughput, tuned once per model,
+    input shape, dtype, device and options (see ``certify.batching``).
 
     Args:
         model: base classifier mapping ``(B, *input_shape)`` inputs in [0, 1] pixel space to
@@ -54,6 +70,14 @@ class SmoothedClassifier:
         sigma: standard deviation of the Gaussian noise, in input (pixel) units.
         autocast_dtype: optional reduced precision for the forward pass (e.g.
             ``torch.bfloat16``). The noise is always drawn in float32 or wider.
+        channels_last: lay 4-D noisy batches out channels-last (the noise is drawn in that
+            memory order, so the counts differ from the default layout's).
+        compile: run the model through ``torch.compile`` (compiles on first use).
+        cuda_graphs: replay full batches from a CUDA graph (CUDA only, ignored elsewhere);
+            keeps one batch of inputs allocated between calls.
+
+    The options change the base classifier's numerics or the noise layout, so they may change
+    the counts; each keeps them reproducible and independent of the batch size.
 
     Example:
         >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
@@ -69,6 +93,9 @@ class SmoothedClassifier:
         num_classes: int,
         sigma: float,
         autocast_dtype: torch.dtype | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
@@ -76,6 +103,9 @@ class SmoothedClassifier:
         self.num_classes = num_classes
         self.sigma = check_sigma(sigma)
         self.autocast_dtype = autocast_dtype
+        self._forward = LabelForward(
+            model, num_classes, autocast_dtype, channels_last, compile, cuda_graphs
+        )
 
     @property
     def device(self) -> torch.device:
@@ -93,26 +123,24 @@ class SmoothedClassifier:
             raise ValueError("x contains NaN or infinite values")
         return x
 
-    def _chunks(self, batch: int, n: int) -> Iterator[tuple[int, int, int]]:
-        """(input, chunk index, chunk length) for every chunk of every input, in order."""
-        full, rest = divmod(n, NOISE_CHUNK)
-        for b in range(batch):
-            for j in range(full):
-                yield b, j, NOISE_CHUNK
-            if rest:
-                yield b, full, rest
+    @torch.inference_mode()
+    def auto_batch_size(
+        self, input_shape: Sequence[int], dtype: torch.dtype = torch.float32
+    ) -> int:
+        """The batch size ``sample_counts`` uses when none is given (tuned once, then cached).
 
-    def _batches(self, batch: int, n: int, batch_size: int):
-        """Group chunks into forward batches of at most ``max(batch_size, NOISE_CHUNK)``."""
-        group, size = [], 0
-        for item in self._chunks(batch, n):
-            if group and size + item[2] > batch_size:
-                yield group, size
-                group, size = [], 0
-            group.append(item)
-            size += item[2]
-        if group:
-            yield group, size
+        Args:
+            input_shape: the shape of one input, e.g. ``(3, 32, 32)``.
+            dtype: the dtype of the noisy inputs (float32, or float64 for float64 inputs).
+        """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return auto_batch_size(
+                self.model, self._forward, tuple(input_shape), dtype, self.device
+            )
+        finally:
+            self.model.train(was_training)
 
     @torch.inference_mode()
     def sample_counts(
@@ -129,7 +157,7 @@ class SmoothedClassifier:
             x: ``(B, *input_shape)`` float inputs in pixel space.
             n: number of noisy samples per input.
             batch_size: noisy samples per forward pass (several inputs share a batch when n is
-                small). Defaults to ``DEFAULT_BATCH_SIZE``.
+                small). Defaults to the tuned ``auto_batch_size``.
             seed: base seed. With a seed, each input's noise depends only on
                 ``(seed, example_id)``; without one, a seed is drawn from torch's global RNG.
             example_ids: ``(B,)`` integer ids naming the inputs' noise streams (e.g. their
@@ -141,63 +169,70 @@ class SmoothedClassifier:
         x = self._check_inputs(x)
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
-        batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         ids = self._example_ids(example_ids, x.shape[0])
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
-
-        device = self.device
-        x = x.to(device)
         noise_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        x = x.to(noise_dtype)
-        c = self.num_classes
-        counts = torch.zeros(x.shape[0] * c, dtype=torch.int64, device=device)  # (B * c,)
-        capacity = max(batch_size, NOISE_CHUNK)
-        noisy = torch.empty((capacity, *x.shape[1:]), dtype=noise_dtype, device=device)
-        owner = torch.empty(capacity, dtype=torch.int64, device=device)  # input of each row
-        generator = torch.Generator(device=device)
-
+        x = x.to(device=self.device, dtype=noise_dtype)  # (B, *shape)
         was_training = self.model.training
         self.model.eval()
         try:
-            for group, size in self._batches(x.shape[0], n, batch_size):
-                offset = 0
-                for b, j, length in group:
-                    rows = slice(offset, offset + length)
-                    generator.manual_seed(chunk_seed(seed, ids[b], j))
-                    noisy[rows].normal_(0.0, self.sigma, generator=generator)  # (L, *shape)
-                    noisy[rows].add_(x[b])
-                    owner[rows] = b * c
-                    offset += length
-                for start in range(0, size, batch_size):
-                    stop = min(start + batch_size, size)
-                    predictions = self._predict_labels(noisy[start:stop])  # (m,)
-                    counts.index_add_(0, owner[start:stop] + predictions, self._ones(stop - start))
+            if batch_size is None:
+                batch_size = auto_batch_size(
+                    self.model, self._forward, tuple(x.shape[1:]), noise_dtype, x.device
+                )
+            return self._sample(x, int(n), batch_size, seed, ids)
         finally:
             self.model.train(was_training)
+
+    def _sample(
+        self, x: torch.Tensor, n: int, batch_size: int, seed: int, ids: list[int]
+    ) -> torch.Tensor:
+        """The sampling loop (model in eval mode, inference mode on); see ``certify.packing``."""
+        device, c = x.device, self.num_classes
+        rows = capacity(batch_size, NOISE_CHUNK)
+        counts = torch.zeros(x.shape[0] * c, dtype=torch.int64, device=device)  # (B * c,)
+        noisy = self._forward.buffer(rows, x.shape[1:], x.dtype, device)  # (rows, *shape)
+        # The noise is drawn in the buffer's memory order (channels-last: (rows, H, W, C)).
+        flat = noisy.permute(0, 2, 3, 1) if not noisy.is_contiguous() else noisy
+        owner = torch.empty(rows, dtype=torch.int64, device=device)  # (rows,) b * c
+        ones = torch.ones(batch_size, dtype=torch.int64, device=device)  # (batch_size,)
+        generator = torch.Generator(device=device)
+        streams = [_stream_seed(seed, i) for i in ids]
+        run = [-1, 0, 0]  # (input, first row, end row): rows whose input is yet to be added
+
+        def flush() -> None:
+            b, lo, hi = run
+            if hi > lo:
+                noisy[lo:hi].add_(x[b])  # (L, *shape)
+                owner[lo:hi].fill_(b * c)
+            run[:] = [-1, 0, 0]
+
+        for ops in plan(x.shape[0], n, batch_size, NOISE_CHUNK):
+            for op in ops:
+                if op[0] == "noise":
+                    _, b, j, length, row = op
+                    if b != run[0] or row != run[2]:  # not contiguous with the run
+                        flush()
+                        run[:] = [b, row, row]
+                    generator.manual_seed(_mix64(streams[b] ^ j) >> 1)
+                    flat[row : row + length].normal_(0.0, self.sigma, generator=generator)
+                    run[2] = row + length
+                    continue
+                flush()
+                if op[0] == "copy":
+                    _, src, dst, m = op
+                    noisy[dst : dst + m].copy_(noisy[src : src + m])
+                    owner[dst : dst + m].copy_(owner[src : src + m])
+                else:
+                    _, lo, hi = op
+                    labels = self._forward(noisy[lo:hi])  # (m,)
+                    counts.index_add_(0, owner[lo:hi] + labels, ones[: hi - lo])
         return counts.view(x.shape[0], c)
-
-    def _ones(self, m: int) -> torch.Tensor:
-        ones = getattr(self, "_ones_cache", None)
-        if ones is None or ones.shape[0] < m or ones.device != self.device:
-            ones = torch.ones(max(m, NOISE_CHUNK), dtype=torch.int64, device=self.device)
-            self._ones_cache = ones
-        return ones[:m]
-
-    def _predict_labels(self, batch: torch.Tensor) -> torch.Tensor:
-        if self.autocast_dtype is not None:
-            with torch.autocast(batch.device.type, dtype=self.autocast_dtype):
-                scores = self.model(batch)
-        else:
-            scores = self.model(batch)
-        if scores.ndim != 2 or scores.shape[1] != self.num_classes:
-            raise ValueError(
-                f"the model returned scores of shape {tuple(scores.shape)}, "
-                f"expected (batch, {self.num_classes})"
-            )
-        return scores.argmax(dim=1)
 
     @staticmethod
     def _example_ids(example_ids, batch: int) -> list[int]:

@@ -20,7 +20,12 @@ from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from certify.checkpoints import CheckpointError
+from certify.checkpoints import (
+    CheckpointError,
+    fitting_network_state,
+    network_state,
+    read_checkpoint,
+)
 from certify.outputs import OutputError
 from certify.runner import CertifyingTrainer, CertifySettingsError
 from certify.runner import check_settings as check_certify_settings
@@ -145,6 +150,44 @@ class TopkLightningCLI(LightningCLI):
         if local and not Path(ckpt_path).is_file():
             raise StartupError(f"checkpoint {ckpt_path!r} does not exist")
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint's hyperparameters into the config here: a file that is
+        # not a checkpoint, or hyperparameters that do not parse, become one line.
+        try:
+            super()._parse_ckpt_path()
+        except Exception as err:  # noqa: BLE001 - diagnosed below, then reported in one line
+            path = self.config.get(f"{self.config.get('subcommand')}.ckpt_path")
+            try:
+                network_state(read_checkpoint(path), path, None)
+            except CheckpointError as bad:
+                raise StartupError(str(bad)) from None
+            raise StartupError(
+                f"checkpoint {path!r}: its hyperparameters cannot be read: {one_line(err)}"
+            ) from None
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        # Checks that need the built model run before the trainer prints anything.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config.get(f"{subcommand}.ckpt_path") if subcommand else None
+        net = getattr(self.model, "net", None)
+        if ckpt_path and net is not None and Path(ckpt_path).is_file():
+            try:
+                _, kind = fitting_network_state(net, ckpt_path, self.model.hparams.get("arch"))
+            except CheckpointError as err:
+                raise StartupError(str(err)) from None
+            if kind == "cohen" and subcommand != "certify":
+                raise StartupError(
+                    f"checkpoint {ckpt_path!r} is one of Cohen et al.'s models, not a Lightning "
+                    "checkpoint: only `topk-smoothing certify` reads it"
+                )
+        if subcommand == "certify" and self.config.certify.k:
+            top_k, num_classes = list(self.config.certify.k), int(self.model.num_classes)
+            if any(not 1 <= v < num_classes for v in top_k):
+                raise StartupError(
+                    f"every k must satisfy 1 <= k < num_classes = {num_classes}, got {top_k}"
+                )
+        return super().instantiate_trainer(**kwargs)
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
@@ -183,6 +226,11 @@ def main(argv: list[str]) -> int:
     try:
         TopkLightningCLI(args=list_options(list(argv), ("--k",)))
     except (StartupError, CertifySettingsError, CheckpointError, OutputError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # certify: the output directory's disk is full or read-only
+        if argv[:1] != ["certify"]:
+            raise
+        print(f"{prog}: error: {err.filename or ''}: {err.strerror}", file=sys.stderr)
         return 2
     return 0

@@ -61,6 +61,7 @@ def digits_fit(tmp_path_factory):
         assert cli_main(["fit", "--config", str(config)]) == 0
     finally:
         wandb.finish()  # flush the offline run file, as the end of a process does
+        wandb.teardown()  # forget this directory: the next run in this process starts afresh
         os.chdir(cwd)
     return directory
 

@@ -1,0 +1,1 @@
+"""Benchmarks (run as scripts, see docs/performance.md); not part of the installed package."""

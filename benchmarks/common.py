@@ -1,0 +1,184 @@
+"""Shared pieces of the benchmarks: models, inputs, timing, the original-style baseline."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from certify.batching import CPU_CANDIDATES, GPU_CANDIDATES, LabelForward, _cpu_sample_limit
+
+CIFAR10 = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # as in datamodules/cifar10.py
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+DIGITS = ((0.3053,), (0.3760,))  # as in datamodules/digits.py
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registry model with the input shape, classes and normalisation of its data set."""
+
+    arch: str
+    shape: tuple[int, ...]
+    num_classes: int
+    norm: tuple[tuple[float, ...], tuple[float, ...]]
+    gpu_only: bool = False
+
+    def build(self) -> torch.nn.Module:
+        from lightning_modules.models import build_network
+
+        torch.manual_seed(0)
+        return build_network(self.arch, self.num_classes, *self.norm)
+
+    def inputs(self, count: int, device: torch.device) -> torch.Tensor:
+        """``(count, *shape)`` inputs in [0, 1]: sklearn's digits, else seeded uniform noise."""
+        if self.arch == "digits_cnn":
+            from sklearn.datasets import load_digits
+
+            images = torch.from_numpy(load_digits().images / 16.0).float()  # (1797, 8, 8)
+            index = torch.arange(count) % images.shape[0]
+            return images[index].unsqueeze(1).to(device)  # (count, 1, 8, 8)
+        generator = torch.Generator().manual_seed(0)
+        return torch.rand((count, *self.shape), generator=generator).to(device)
+
+
+MODELS = {
+    "digits_cnn": ModelSpec("digits_cnn", (1, 8, 8), 10, DIGITS),
+    "cifar_resnet20": ModelSpec("cifar_resnet20", (3, 32, 32), 10, CIFAR10),
+    "cifar_resnet110": ModelSpec("cifar_resnet110", (3, 32, 32), 10, CIFAR10),
+    "resnet50": ModelSpec("resnet50", (3, 224, 224), 1000, IMAGENET, gpu_only=True),
+}
+
+
+def _cpu_idle_fraction(window: float) -> float:
+    def ticks():
+        with open("/proc/stat") as stat:
+            values = [int(v) for v in stat.readline().split()[1:]]
+        return values[3] + values[4], sum(values)  # idle + iowait, total
+
+    idle0, total0 = ticks()
+    time.sleep(window)
+    idle1, total1 = ticks()
+    return (idle1 - idle0) / max(1, total1 - total0)
+
+
+def wait_for_idle_cpu(max_wait: float, threshold: float = 0.85, window: float = 0.3) -> bool:
+    """On a shared machine, wait up to ``max_wait`` s until other processes leave the CPUs idle.
+
+    Returns whether the CPUs were idle (``False`` on timeout, or without ``/proc/stat``).
+    """
+    deadline = time.monotonic() + max_wait
+    try:
+        while _cpu_idle_fraction(window) < threshold:
+            if time.monotonic() > deadline:
+                return False
+    except OSError:
+        return False
+    return True
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA is asynchronous), so that timings are true."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _noisy_batch(forward: LabelForward, size: int, x: torch.Tensor, sigma: float):
+    batch = forward.empty(size, tuple(x.shape[1:]), torch.float32, x.device)  # (size, *shape)
+    rows = torch.arange(size, device=x.device) % x.shape[0]  # (size,)
+    return batch.copy_(x[rows] + sigma * torch.randn_like(x[rows]))
+
+
+@torch.inference_mode()
+def forward_rate(
+    forward: LabelForward, size: int, x: torch.Tensor, seconds: float, sigma: float = 0.25
+) -> float:
+    """(a): noisy samples per second of forward + argmax on a pre-made batch of ``size``."""
+    batch = _noisy_batch(forward, size, x, sigma)
+    device = x.device
+    forward.labels(batch)  # warm-up
+    synchronize(device)
+    start = time.perf_counter()
+    forward.labels(batch)
+    synchronize(device)
+    passes = max(2, math.ceil(seconds / (time.perf_counter() - start)))
+    start = time.perf_counter()
+    for _ in range(passes):
+        forward.labels(batch)
+    synchronize(device)
+    return passes * size / (time.perf_counter() - start)
+
+
+def sweep_forward(forward, model, shape, device, seconds: float, before=None) -> dict[int, float]:
+    """(a) at every candidate batch size until 3 in a row do not beat the best (or OOM).
+
+    ``before()`` is called before each measurement (e.g. to wait for idle CPUs).
+    """
+    candidates = GPU_CANDIDATES if device.type == "cuda" else CPU_CANDIDATES
+    if device.type == "cpu":
+        with torch.inference_mode():
+            limit = _cpu_sample_limit(model, forward, shape, torch.float32)
+        candidates = [c for c in candidates if c <= max(limit, candidates[0])]
+    x = torch.rand((1, *shape), device=device)
+    rates: dict[int, float] = {}
+    misses = 0
+    for size in candidates:
+        if before is not None:
+            before()
+        try:
+            rates[size] = forward_rate(forward, size, x, seconds)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            break
+        misses = 0 if rates[size] >= max(rates.values()) else misses + 1
+        if misses >= 3 or size / rates[size] > 4.0:
+            break
+    return rates
+
+
+@torch.no_grad()
+def one_input_per_batch(model, x, n: int, batch_size: int, sigma: float, num_classes: int):
+    """(c): the original implementations' loop (Cohen et al.'s ``Smooth._sample_noise``).
+
+    One input per batch: repeat the image, add fresh noise, forward, argmax, copy the
+    predictions to the host and count them there.
+    """
+    results = []
+    for image in x:
+        counts = np.zeros(num_classes, dtype=np.int64)
+        remaining = n
+        while remaining > 0:
+            this = min(batch_size, remaining)
+            remaining -= this
+            batch = image.repeat((this, *[1] * image.ndim))  # (this, *shape)
+            noise = torch.randn_like(batch) * sigma
+            predictions = model(batch + noise).argmax(1)  # (this,)
+            counts += np.bincount(predictions.cpu().numpy(), minlength=num_classes)
+        results.append(counts)
+    return np.stack(results)  # (B, c)
+
+
+def machine(device: torch.device) -> dict[str, str]:
+    """The machine in words: CPU model and cores, GPU, torch and Python versions."""
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

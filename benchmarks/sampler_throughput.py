@@ -1,0 +1,264 @@
+"""Sampler throughput against the base model's own forward pass (issue 6).
+
+For every model, on one device and one batch size, the script measures:
+
+(a) the model's pure forward throughput (noisy samples per second: forward + argmax on a
+    pre-made batch), at the fastest batch size of a sweep and at the sampler's automatic one;
+(b) ``SmoothedClassifier.sample_counts`` throughput on a set of inputs, for several n;
+(c) a one-input-per-batch loop in the style of the original implementations (repeat the
+    image, add noise, forward, argmax, copy to the host, count on the host);
+(d) ``certified_radius`` time for 10,000 examples x 1,000 classes, k in {1, 3, 5};
+
+then prints a table with the ratios (b)/(a) and (b)/(c) and writes it as JSON. Throughputs
+are the best of ``--repeats`` interleaved rounds (the machine may be shared).
+
+    python benchmarks/sampler_throughput.py                       # CPU: digits CNN, ResNet-20/110
+    python benchmarks/sampler_throughput.py --device cuda         # + ResNet-50 at 224x224
+    python benchmarks/sampler_throughput.py --models cifar_resnet110 resnet50 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    MODELS,
+    forward_rate,
+    machine,
+    one_input_per_batch,
+    sweep_forward,
+    synchronize,
+    wait_for_idle_cpu,
+)
+from certify import SmoothedClassifier, certified_radius  # noqa: E402
+from certify.batching import clear_batch_size_cache  # noqa: E402
+
+SIGMA = 0.25
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--n", nargs="+", type=int, default=[100, 1000, 10_000])
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (best kept)")
+    parser.add_argument("--seconds", type=float, default=1.0, help="work per measurement")
+    parser.add_argument("--max-seconds", type=float, default=30.0, help="skip longer (b)/(c)")
+    parser.add_argument("--batch-size", type=int, help="explicit sampler batch size")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--autocast", choices=["bf16", "fp16"], help="forward precision")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--cuda-graphs", action="store_true")
+    parser.add_argument("--cudnn-benchmark", action="store_true")
+    parser.add_argument(
+        "--idle-wait", type=float, default=30.0, help="CPU: wait up to S s for idle CPUs per round"
+    )
+    parser.add_argument("--skip-radius", action="store_true", help="skip (d)")
+    parser.add_argument("--json", type=Path, help="output (default benchmarks/results/...)")
+    return parser.parse_args(argv)
+
+
+def options(args) -> dict:
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.autocast]
+    return {
+        "autocast_dtype": dtype,
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "cuda_graphs": args.cuda_graphs,
+    }
+
+
+def bench_model(name: str, args, device: torch.device) -> list[dict]:
+    spec = MODELS[name]
+    model = spec.build().to(device).eval()
+    smoothed = SmoothedClassifier(model, spec.num_classes, SIGMA, **options(args))
+    forward = smoothed._forward  # the sampler's own forward pass: same options as (b)
+    clear_batch_size_cache()
+    _idle(args, device)
+    start = time.perf_counter()
+    auto = smoothed.auto_batch_size(spec.shape)
+    tuning = time.perf_counter() - start
+    batch = args.batch_size or auto
+    sweep = sweep_forward(
+        forward, model, spec.shape, device, args.seconds / 3, lambda: _idle(args, device)
+    )
+    # (a) is re-measured in every round at the sweep's 3 fastest sizes and the sampler's own.
+    sizes = sorted({*sorted(sweep, key=sweep.get)[-3:], batch})
+    print(
+        f"\n{name}: auto batch size {auto} (tuned in {tuning:.2f} s), sweep of (a): "
+        + ", ".join(f"{b}: {r:,.0f}/s" for b, r in sweep.items()),
+        flush=True,
+    )
+    rows = []
+    for n in args.n:
+        top = max(sweep.values())
+        inputs = max(1, math.ceil(top * args.seconds / n))
+        if n / top > args.max_seconds:
+            print(f"  n={n}: skipped (one input takes {n / top:.0f} s at (a)'s rate)")
+            continue
+        x = spec.inputs(inputs, device)  # (inputs, *shape) in [0, 1]
+        best, busy = _best_of_rounds(args, device, smoothed, spec, x, n, sizes, batch)
+        fastest = max(best["a"], key=best["a"].get)
+        row = {
+            "model": name,
+            "input_shape": list(spec.shape),
+            "n": n,
+            "inputs": inputs,
+            "batch_size": batch,
+            "auto_batch_size": auto,
+            "tuning_s": tuning,
+            "sweep": sweep,
+            "a_by_batch_size": best["a"],
+            "fastest_batch_size": fastest,
+            "a_fastest": best["a"][fastest],
+            "a_same_batch": best["a"][batch],
+            "b": best["b"],
+            "c": best["c"],
+            "b_over_a": best["b"] / best["a"][fastest],
+            "b_over_c": best["b"] / best["c"],
+            "rounds_on_busy_cpu": busy,
+        }
+        if device.type == "cuda":
+            row["b_peak_memory_mb"] = _peak_memory(smoothed, x, n, args.batch_size, device)
+        print(
+            f"  n={n:>6} x{inputs:<4} (a) {row['a_fastest']:>9,.0f}/s @{fastest:<5}"
+            f" (b) {row['b']:>9,.0f}/s @{batch:<5} (c) {row['c']:>9,.0f}/s"
+            f"  (b)/(a) {row['b_over_a']:.3f}  (b)/(c) {row['b_over_c']:.2f}",
+            flush=True,
+        )
+        rows.append(row)
+    return rows
+
+
+def _best_of_rounds(args, device, smoothed, spec, x, n, sizes, batch):
+    """Interleaved rounds of (a) at each size in ``sizes``, (b) and (c); the best is kept.
+
+    Returns ``({"a": {size: rate}, "b": rate, "c": rate}, rounds on a busy CPU)``.
+    """
+    forward, model = smoothed._forward, smoothed.model
+    best, busy = {"a": dict.fromkeys(sizes, 0.0), "b": 0.0, "c": 0.0}, 0
+    for _ in range(args.repeats):
+        for size in sizes:
+            busy += not _idle(args, device)
+            best["a"][size] = max(best["a"][size], forward_rate(forward, size, x, args.seconds))
+        busy += not _idle(args, device)
+        best["b"] = max(best["b"], _sampler_rate(smoothed, x, n, args.batch_size, device))
+        busy += not _idle(args, device)
+        best["c"] = max(best["c"], _baseline_rate(model, spec, x, n, batch, device))
+    return best, busy
+
+
+def _idle(args, device) -> bool:
+    """Whether the CPUs are idle (waiting up to ``--idle-wait`` s); always true on a GPU."""
+    return device.type != "cpu" or wait_for_idle_cpu(args.idle_wait)
+
+
+def _sampler_rate(smoothed, x, n, batch_size, device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    smoothed.sample_counts(x, n, batch_size=batch_size, seed=0)
+    synchronize(device)  # the last batch has finished before the clock stops
+    return x.shape[0] * n / (time.perf_counter() - start)
+
+
+def _baseline_rate(model, spec, x, n, batch_size, device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    one_input_per_batch(model, x, n, batch_size, SIGMA, spec.num_classes)
+    synchronize(device)
+    return x.shape[0] * n / (time.perf_counter() - start)
+
+
+def _peak_memory(smoothed, x, n, batch_size, device) -> float:
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    smoothed.sample_counts(x, n, batch_size=batch_size, seed=0)
+    synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def table(rows: list[dict], radius: dict) -> str:
+    """The results as a Markdown table (samples per second)."""
+    lines = [
+        "| model | input | n | inputs | batch (b), (c) | (a) fastest @ batch | (a) @ (b)'s batch"
+        " | (b) sampler | (c) one input per batch | (b)/(a) | (b)/(c) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        shape = "x".join(map(str, r["input_shape"]))
+        lines.append(
+            f"| {r['model']} | {shape} | {r['n']:,} | {r['inputs']} | {r['batch_size']} "
+            f"| {r['a_fastest']:,.0f} @ {r['fastest_batch_size']} | {r['a_same_batch']:,.0f} "
+            f"| {r['b']:,.0f} | {r['c']:,.0f} | {r['b_over_a']:.3f} | {r['b_over_c']:.2f} |"
+        )
+    if radius:
+        times = ", ".join(f"{k}: {s:.3f} s" for k, s in radius.items())
+        lines.append(f"\n(d) certified_radius, 10,000 examples x 1,000 classes: {times}")
+    return "\n".join(lines)
+
+
+def bench_radius(repeats: int) -> dict:
+    """(d): ``certified_radius`` on 10,000 x 1,000 counts (n = 100,000), k in {1, 3, 5}."""
+    rng = np.random.default_rng(0)
+    examples, classes, n = 10_000, 1_000, 100_000
+    probs = rng.dirichlet(np.full(classes, 0.05), size=examples)  # (E, c) peaked
+    counts = rng.multinomial(n, probs)  # (E, c)
+    labels = counts.argmax(axis=1)  # (E,)
+    times = {}
+    for top_k in ((1,), (3,), (5,), (1, 3, 5)):
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            certified_radius(counts, labels, top_k, SIGMA, 0.001)
+            best = min(best, time.perf_counter() - start)
+        times["k=" + ",".join(map(str, top_k))] = best
+    print(
+        "\n(d) certified_radius, 10,000 examples x 1,000 classes: "
+        + ", ".join(f"{k}: {s:.3f} s" for k, s in times.items())
+    )
+    return times
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    info = machine(device)
+    print(" | ".join(f"{k}: {v}" for k, v in info.items()))
+    print("options:", {k: str(v) for k, v in options(args).items()})
+    rows = []
+    notes = []
+    for name in args.models:
+        if MODELS[name].gpu_only and device.type != "cuda":
+            notes.append(f"{name}: skipped, GPU only (224x224 ImageNet model)")
+            print(f"\n{notes[-1]}")
+            continue
+        rows += bench_model(name, args, device)
+    radius = {} if args.skip_radius else bench_radius(args.repeats)
+    result = {
+        "machine": info,
+        "options": {k: str(v) for k, v in options(args).items()},
+        "rows": rows,
+        "certified_radius_s": radius,
+        "notes": notes,
+    }
+    print("\n" + table(rows, radius))
+    path = args.json or Path(__file__).parent / "results" / f"sampler_{device.type}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {path} ({platform.node()})")
+
+
+if __name__ == "__main__":
+    main()

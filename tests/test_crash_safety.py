@@ -1,0 +1,239 @@
+"""`topk-smoothing certify` under a real kill, a full disk and a read-only disk.
+
+A run killed with SIGKILL while it writes leaves only whole rows that are read back (a torn
+last piece is ignored and cut on resume) and no final file; the rerun completes it with the
+same files as an uninterrupted run. A full disk stops the run with one line, keeps the rows
+written so far, and the rerun (with space) completes it; a read-only disk is refused in one
+line. The disks are small tmpfs mounts (root with mount rights only; skipped otherwise).
+"""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from certify.outputs import CertifyOutput
+
+REPO = Path(__file__).resolve().parents[1]
+N, EXAMPLES = 2000, 60
+HEADER = ["idx", "label", "pred1", "pred2", "pred3", "radius_top1", "radius_top3", "seconds"]
+ENV = {
+    **os.environ,
+    "PYTHONPATH": str(REPO),
+    "WANDB_MODE": "offline",
+    "OMP_NUM_THREADS": "1",  # 2 shared cores: one thread per process is much faster
+}
+
+
+def certify_args(ckpt: Path, out: Path, *extra: str, n: int = N, examples: int = EXAMPLES):
+    return [
+        "certify", "--config", str(REPO / "configs" / "digits.yaml"), "--ckpt_path", str(ckpt),
+        "--n", str(n), "--k", "1", "3", "--max_examples", str(examples), "--seed", "0",
+        "--output_dir", str(out), "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false", *extra,
+    ]  # fmt: skip
+
+
+def start(ckpt: Path, out: Path, cwd: Path, *extra: str, **sizes) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "certify", *certify_args(ckpt, out, *extra, **sizes)],
+        cwd=cwd, env=ENV, text=True, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    _, stderr = process.communicate(timeout=timeout)
+    return process.returncode, stderr
+
+
+def run(ckpt: Path, out: Path, cwd: Path, *extra: str, **sizes) -> tuple[int, str]:
+    return finish(start(ckpt, out, cwd, *extra, **sizes))
+
+
+def assert_one_line_error(returncode: int, stderr: str, *needles: str) -> str:
+    assert returncode == 2, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("topk-smoothing certify: error: "), last
+    for needle in needles:
+        assert needle in last, last
+    return last
+
+
+def table(path: Path) -> list[list[str]]:
+    """certify.tsv without its wall-clock `seconds` column."""
+    rows = [line.split("\t") for line in path.read_text().splitlines()]
+    assert rows[0] == HEADER
+    return [row[:-1] for row in rows]
+
+
+def assert_same_results(done: Path, reference: Path) -> None:
+    assert table(done / "certify.tsv") == table(reference / "certify.tsv")
+    assert (done / "counts.txt").read_bytes() == (reference / "counts.txt").read_bytes()
+    assert len(table(done / "certify.tsv")) == EXAMPLES + 1
+
+
+def complete_rows(part: Path) -> tuple[list[list[str]], bytes]:
+    """The part file's complete lines (split into fields) and the torn piece after them."""
+    data = part.read_bytes()
+    whole, _, torn = data.rpartition(b"\n")
+    return [line.split("\t") for line in whole.decode().split("\n") if whole], torn
+
+
+def assert_rows_are_whole(rows: list[list[str]], n: int = N) -> None:
+    for fields in rows:
+        assert len(fields) == len(HEADER) + 1, fields  # + the counts
+        idx, label, *preds = map(int, fields[:5])
+        radii = [float(v) for v in fields[5:7]]
+        counts = [int(v) for v in fields[-1].split(" ")]
+        assert len(counts) == 10 and sum(counts) == n, fields
+        assert 0 <= label < 10 and all(0 <= p < 10 for p in preds) and idx >= 0
+        assert all(r != r or r >= 0 for r in radii)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("crash")
+
+
+@pytest.fixture(scope="module")
+def killed_and_reference(digits_checkpoint, workdir):
+    """Start a run and SIGKILL it once its part file has a few rows; meanwhile an
+    uninterrupted run of the same command writes the reference files, and a rerun with another
+    seed tries the killed run's directory."""
+    killed, reference = workdir / "killed", workdir / "reference"
+    victim = start(digits_checkpoint, killed, workdir)
+    uninterrupted = start(digits_checkpoint, reference, workdir)
+    part = killed / "parts" / "rank0.tsv"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and victim.poll() is None:
+            if part.is_file() and part.read_bytes().count(b"\n") >= 5:
+                break
+            time.sleep(0.02)
+        assert victim.poll() is None, "the run ended before it could be killed"
+        os.killpg(victim.pid, signal.SIGKILL)
+    finally:
+        if victim.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(victim.pid, signal.SIGKILL)
+        victim.communicate()
+    snapshot = part.read_bytes()
+    refused = finish(start(digits_checkpoint, killed, workdir, "--seed", "1"))
+    returncode, stderr = finish(uninterrupted)
+    assert returncode == 0, stderr[-3000:]
+    return killed, reference, snapshot, refused
+
+
+@pytest.mark.slow
+def test_killed_run_leaves_only_whole_rows_and_no_final_files(killed_and_reference):
+    killed, _, snapshot, _ = killed_and_reference
+    assert snapshot.count(b"\n") >= 5
+    rows, torn = complete_rows(killed / "parts" / "rank0.tsv")
+    assert 5 <= len(rows) < EXAMPLES
+    assert_rows_are_whole(rows)
+    read_back = CertifyOutput(killed, {}, (1, 3)).read_parts()
+    assert sorted(read_back) == sorted(int(r[0]) for r in rows)  # a torn piece is never read
+    assert not torn or int(torn.split(b"\t")[0]) not in read_back
+    for name in ("certify.tsv", "counts.txt", "report.md"):
+        assert not (killed / name).exists(), name
+
+
+@pytest.mark.slow
+def test_final_files_are_readable_by_others(killed_and_reference):
+    """Written through a temporary file, yet with the usual permissions, not mkstemp's 0600."""
+    _, reference, _, _ = killed_and_reference
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("certify.json", "certify.tsv", "counts.txt", "report.md", "report.csv"):
+        assert (reference / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+@pytest.mark.slow
+def test_rerun_with_other_settings_is_refused_then_same_rerun_completes(
+    digits_checkpoint, workdir, killed_and_reference
+):
+    killed, reference, snapshot, (returncode, stderr) = killed_and_reference
+    assert_one_line_error(returncode, stderr, "seed = 0", "seed = 1", "refusing to mix")
+    assert (killed / "parts" / "rank0.tsv").read_bytes() == snapshot  # left as it was
+
+    returncode, stderr = run(digits_checkpoint, killed, workdir)
+    assert returncode == 0, stderr[-3000:]
+    assert_same_results(killed, reference)
+    rows, torn = complete_rows(killed / "parts" / "rank0.tsv")
+    assert torn == b"" and len(rows) == EXAMPLES  # nothing certified twice
+    assert_rows_are_whole(rows)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str):
+    """A small tmpfs at ``path`` (needs root with mount rights: skipped otherwise)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)]
+    try:
+        done = subprocess.run(mount, capture_output=True, text=True, timeout=30)
+    except OSError as err:
+        pytest.skip(f"cannot mount a tmpfs: {err}")
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+def remount(path: Path, options: str) -> None:
+    done = subprocess.run(
+        ["mount", "-o", f"remount,{options}", str(path)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.slow
+def test_full_disk_stops_in_one_line_and_the_rerun_completes(digits_checkpoint, workdir):
+    """Two 4 KiB pages: certify.json takes one, the part file fills the other mid-run (150
+    rows of about 60 bytes at n = 200)."""
+    n, examples = 200, 150
+    with tmpfs(workdir / "full", "size=8k") as disk:
+        out = disk / "out"
+        returncode, stderr = run(digits_checkpoint, out, workdir, n=n, examples=examples)
+        assert_one_line_error(
+            returncode, stderr, str(out / "parts"), "No space left on device", "rerun"
+        )
+        before, _ = complete_rows(out / "parts" / "rank0.tsv")
+        assert 10 <= len(before) < examples
+        assert_rows_are_whole(before, n)
+        assert not (out / "certify.tsv").exists()
+
+        remount(disk, "size=1m")  # space freed: the same command continues
+        returncode, stderr = run(digits_checkpoint, out, workdir, n=n, examples=examples)
+        assert returncode == 0, stderr[-3000:]
+        after, torn = complete_rows(out / "parts" / "rank0.tsv")
+        assert torn == b"" and len(after) == examples
+        assert_rows_are_whole(after, n)
+        assert after[: len(before)] == before  # the rows kept are reused, not redone
+        final = table(out / "certify.tsv")[1:]
+        assert [int(row[0]) for row in final] == list(range(examples))
+        assert final == sorted((row[:7] for row in after), key=lambda row: int(row[0]))
+
+
+def test_read_only_disk_is_refused_in_one_line(digits_checkpoint, isolated_run, capsys):
+    from lightning_modules.cli import main
+
+    with tmpfs(isolated_run / "ro", "ro,size=64k") as disk:
+        for out, message in (
+            (disk / "out", f"cannot create output directory {disk / 'out'}: Read-only file system"),
+            (disk, f"cannot create output directory {disk}: Read-only file system"),  # parts/
+        ):
+            assert main(certify_args(digits_checkpoint, out)) == 2
+            err = capsys.readouterr().err
+            assert err.splitlines()[-1] == f"topk-smoothing certify: error: {message}", err
+            assert "Traceback" not in err
