@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -54,16 +55,17 @@ MODELS = {
 }
 
 
-def _cpu_idle_fraction(window: float) -> float:
-    def ticks():
-        with open("/proc/stat") as stat:
-            values = [int(v) for v in stat.readline().split()[1:]]
-        return values[3] + values[4], sum(values)  # idle + iowait, total
+def _busy_seconds() -> float:
+    """CPU seconds spent by all processes (all cores) since boot, from ``/proc/stat``."""
+    with open("/proc/stat") as stat:
+        values = [int(v) for v in stat.readline().split()[1:]]
+    return (sum(values[:8]) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
 
-    idle0, total0 = ticks()
+
+def _cpu_idle_fraction(window: float) -> float:
+    start = _busy_seconds()
     time.sleep(window)
-    idle1, total1 = ticks()
-    return (idle1 - idle0) / max(1, total1 - total0)
+    return 1.0 - (_busy_seconds() - start) / (window * (os.cpu_count() or 1))
 
 
 def wait_for_idle_cpu(max_wait: float, threshold: float = 0.85, window: float = 0.3) -> bool:
@@ -79,6 +81,48 @@ def wait_for_idle_cpu(max_wait: float, threshold: float = 0.85, window: float = 
     except OSError:
         return False
     return True
+
+
+class OtherLoad:
+    """Context manager measuring the share of the CPUs that *other* processes used meanwhile.
+
+    ``share`` is their CPU time over ``wall time x cores`` (0 on an otherwise idle machine;
+    ``nan`` without ``/proc/stat``). This process's own threads are not counted.
+    """
+
+    share = float("nan")
+
+    def __enter__(self):
+        try:
+            self._busy = _busy_seconds()
+        except OSError:
+            self._busy = None
+        self._own, self._wall = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self._busy is not None:
+            wall = time.perf_counter() - self._wall
+            others = _busy_seconds() - self._busy - (time.process_time() - self._own)
+            self.share = max(0.0, others) / max(wall * (os.cpu_count() or 1), 1e-9)
+        return False
+
+
+def clean_run(fn, device: torch.device, tries: int, idle_wait: float, limit: float = 0.1):
+    """Run ``fn()`` until other processes used under ``limit`` of the CPUs meanwhile.
+
+    On a GPU, once. Returns ``(best result, whether one run was clean)``; results are
+    rates (larger is better) and every try waits for idle CPUs first.
+    """
+    best = -math.inf
+    for _ in range(1 if device.type == "cuda" else max(1, tries)):
+        if device.type == "cpu":
+            wait_for_idle_cpu(idle_wait)
+        with OtherLoad() as load:
+            best = max(best, fn())
+        if device.type == "cuda" or not load.share > limit:  # nan: cannot tell, accept
+            return best, True
+    return best, False
 
 
 def synchronize(device: torch.device) -> None:
@@ -113,10 +157,10 @@ def forward_rate(
     return passes * size / (time.perf_counter() - start)
 
 
-def sweep_forward(forward, model, shape, device, seconds: float, before=None) -> dict[int, float]:
+def sweep_forward(forward, model, shape, device, seconds: float, run=None) -> dict[int, float]:
     """(a) at every candidate batch size until 3 in a row do not beat the best (or OOM).
 
-    ``before()`` is called before each measurement (e.g. to wait for idle CPUs).
+    ``run(fn)`` runs each measurement ``fn()`` and returns its rate (e.g. ``clean_run``'s).
     """
     candidates = GPU_CANDIDATES if device.type == "cuda" else CPU_CANDIDATES
     if device.type == "cpu":
@@ -127,10 +171,9 @@ def sweep_forward(forward, model, shape, device, seconds: float, before=None) ->
     rates: dict[int, float] = {}
     misses = 0
     for size in candidates:
-        if before is not None:
-            before()
+        measure = functools.partial(forward_rate, forward, size, x, seconds)
         try:
-            rates[size] = forward_rate(forward, size, x, seconds)
+            rates[size] = run(measure) if run is not None else measure()
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             break

@@ -9,8 +9,10 @@ For every model, on one device and one batch size, the script measures:
     image, add noise, forward, argmax, copy to the host, count on the host);
 (d) ``certified_radius`` time for 10,000 examples x 1,000 classes, k in {1, 3, 5};
 
-then prints a table with the ratios (b)/(a) and (b)/(c) and writes it as JSON. Throughputs
-are the best of ``--repeats`` interleaved rounds (the machine may be shared).
+then prints a table with the ratios (b)/(a) and (b)/(c) and writes it as JSON. Every round
+measures (a), (b) and (c) one after the other; throughputs are the best of ``--repeats``
+rounds, and each ratio is the median over rounds of the ratio within a round, so that a
+machine whose speed drifts between rounds (a shared VM) does not decide it.
 
     python benchmarks/sampler_throughput.py                       # CPU: digits CNN, ResNet-20/110
     python benchmarks/sampler_throughput.py --device cuda         # + ResNet-50 at 224x224
@@ -23,8 +25,10 @@ import argparse
 import json
 import math
 import platform
+import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
     MODELS,
+    OtherLoad,
+    clean_run,
     forward_rate,
     machine,
     one_input_per_batch,
@@ -50,9 +56,9 @@ SIGMA = 0.25
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--n", nargs="+", type=int, default=[100, 1000, 10_000])
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (best kept)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--seconds", type=float, default=1.0, help="work per measurement")
     parser.add_argument("--max-seconds", type=float, default=30.0, help="skip longer (b)/(c)")
     parser.add_argument("--batch-size", type=int, help="explicit sampler batch size")
@@ -62,7 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cuda-graphs", action="store_true")
     parser.add_argument("--cudnn-benchmark", action="store_true")
     parser.add_argument(
-        "--idle-wait", type=float, default=30.0, help="CPU: wait up to S s for idle CPUs per round"
+        "--idle-wait", type=float, default=30.0, help="CPU: wait up to S s for idle CPUs"
+    )
+    parser.add_argument(
+        "--tries", type=int, default=4, help="CPU: tries per measurement to get one without load"
     )
     parser.add_argument("--skip-radius", action="store_true", help="skip (d)")
     parser.add_argument("--json", type=Path, help="output (default benchmarks/results/...)")
@@ -84,14 +93,10 @@ def bench_model(name: str, args, device: torch.device) -> list[dict]:
     model = spec.build().to(device).eval()
     smoothed = SmoothedClassifier(model, spec.num_classes, SIGMA, **options(args))
     forward = smoothed._forward  # the sampler's own forward pass: same options as (b)
-    clear_batch_size_cache()
-    _idle(args, device)
-    start = time.perf_counter()
-    auto = smoothed.auto_batch_size(spec.shape)
-    tuning = time.perf_counter() - start
+    auto, tuning = _tune(smoothed, spec, args, device)
     batch = args.batch_size or auto
     sweep = sweep_forward(
-        forward, model, spec.shape, device, args.seconds / 3, lambda: _idle(args, device)
+        forward, model, spec.shape, device, args.seconds / 3, lambda fn: _clean(fn, args, device)
     )
     # (a) is re-measured in every round at the sweep's 3 fastest sizes and the sampler's own.
     sizes = sorted({*sorted(sweep, key=sweep.get)[-3:], batch})
@@ -108,7 +113,9 @@ def bench_model(name: str, args, device: torch.device) -> list[dict]:
             print(f"  n={n}: skipped (one input takes {n / top:.0f} s at (a)'s rate)")
             continue
         x = spec.inputs(inputs, device)  # (inputs, *shape) in [0, 1]
-        best, busy = _best_of_rounds(args, device, smoothed, spec, x, n, sizes, batch)
+        rounds, busy = _best_of_rounds(args, device, smoothed, spec, x, n, sizes, batch)
+        best = {"a": {size: max(r) for size, r in rounds["a"].items()}}
+        best["b"], best["c"] = max(rounds["b"]), max(rounds["c"])
         fastest = max(best["a"], key=best["a"].get)
         row = {
             "model": name,
@@ -125,9 +132,12 @@ def bench_model(name: str, args, device: torch.device) -> list[dict]:
             "a_same_batch": best["a"][batch],
             "b": best["b"],
             "c": best["c"],
-            "b_over_a": best["b"] / best["a"][fastest],
-            "b_over_c": best["b"] / best["c"],
-            "rounds_on_busy_cpu": busy,
+            "b_over_a": _paired_ratio(rounds["b"], rounds["a"][fastest]),
+            "b_over_c": _paired_ratio(rounds["b"], rounds["c"]),
+            "b_over_a_best_of": best["b"] / best["a"][fastest],
+            "b_over_c_best_of": best["b"] / best["c"],
+            "rounds": {"a_fastest": rounds["a"][fastest], "b": rounds["b"], "c": rounds["c"]},
+            "measurements_under_load": busy,
         }
         if device.type == "cuda":
             row["b_peak_memory_mb"] = _peak_memory(smoothed, x, n, args.batch_size, device)
@@ -141,27 +151,53 @@ def bench_model(name: str, args, device: torch.device) -> list[dict]:
     return rows
 
 
-def _best_of_rounds(args, device, smoothed, spec, x, n, sizes, batch):
-    """Interleaved rounds of (a) at each size in ``sizes``, (b) and (c); the best is kept.
+def _tune(smoothed, spec, args, device) -> tuple[int, float]:
+    """The sampler's automatic batch size and its tuning time, from a run on idle CPUs."""
+    for _ in range(args.tries):
+        clear_batch_size_cache()
+        if device.type == "cpu":
+            wait_for_idle_cpu(args.idle_wait)
+        with OtherLoad() as load:
+            start = time.perf_counter()
+            auto = smoothed.auto_batch_size(spec.shape)
+            tuning = time.perf_counter() - start
+        if device.type == "cuda" or not load.share > 0.1:
+            break
+    return auto, tuning
 
-    Returns ``({"a": {size: rate}, "b": rate, "c": rate}, rounds on a busy CPU)``.
+
+def _clean(fn, args, device) -> float:
+    return clean_run(fn, device, args.tries, args.idle_wait)[0]
+
+
+def _best_of_rounds(args, device, smoothed, spec, x, n, sizes, batch):
+    """Interleaved rounds of (a) at each size in ``sizes``, (b) and (c).
+
+    Every measurement is retried (``--tries``) until other processes left the CPUs alone.
+    Returns ``({"a": {size: [rate per round]}, "b": [...], "c": [...]}, measurements never
+    clean)``.
     """
     forward, model = smoothed._forward, smoothed.model
-    best, busy = {"a": dict.fromkeys(sizes, 0.0), "b": 0.0, "c": 0.0}, 0
+    measures = {
+        ("a", size): partial(forward_rate, forward, size, x, args.seconds) for size in sizes
+    }
+    measures["b"] = lambda: _sampler_rate(smoothed, x, n, args.batch_size, device)
+    measures["c"] = lambda: _baseline_rate(model, spec, x, n, batch, device)
+    rounds, busy = {key: [] for key in measures}, 0
     for _ in range(args.repeats):
-        for size in sizes:
-            busy += not _idle(args, device)
-            best["a"][size] = max(best["a"][size], forward_rate(forward, size, x, args.seconds))
-        busy += not _idle(args, device)
-        best["b"] = max(best["b"], _sampler_rate(smoothed, x, n, args.batch_size, device))
-        busy += not _idle(args, device)
-        best["c"] = max(best["c"], _baseline_rate(model, spec, x, n, batch, device))
-    return best, busy
+        for key, measure in measures.items():
+            rate, clean = clean_run(measure, device, args.tries, args.idle_wait)
+            rounds[key].append(rate)
+            busy += not clean
+    per_round = {"a": {size: rounds["a", size] for size in sizes}, "b": rounds["b"]}
+    per_round["c"] = rounds["c"]
+    return per_round, busy
 
 
-def _idle(args, device) -> bool:
-    """Whether the CPUs are idle (waiting up to ``--idle-wait`` s); always true on a GPU."""
-    return device.type != "cpu" or wait_for_idle_cpu(args.idle_wait)
+def _paired_ratio(top: list[float], bottom: list[float]) -> float:
+    """Median over rounds of ``top[r] / bottom[r]``: measured seconds apart, so a machine
+    whose speed drifts (a shared VM: +-20 % from one second to the next) cancels out."""
+    return statistics.median(t / b for t, b in zip(top, bottom, strict=True))
 
 
 def _sampler_rate(smoothed, x, n, batch_size, device) -> float:
@@ -202,27 +238,35 @@ def table(rows: list[dict], radius: dict) -> str:
             f"| {r['a_fastest']:,.0f} @ {r['fastest_batch_size']} | {r['a_same_batch']:,.0f} "
             f"| {r['b']:,.0f} | {r['c']:,.0f} | {r['b_over_a']:.3f} | {r['b_over_c']:.2f} |"
         )
+    lines.append(
+        "\nThroughputs: best of the rounds. Ratios: median over rounds of the ratio within a"
+        " round (best-of ratios are in the JSON)."
+    )
     if radius:
         times = ", ".join(f"{k}: {s:.3f} s" for k, s in radius.items())
         lines.append(f"\n(d) certified_radius, 10,000 examples x 1,000 classes: {times}")
     return "\n".join(lines)
 
 
-def bench_radius(repeats: int) -> dict:
+def bench_radius(args) -> dict:
     """(d): ``certified_radius`` on 10,000 x 1,000 counts (n = 100,000), k in {1, 3, 5}."""
     rng = np.random.default_rng(0)
     examples, classes, n = 10_000, 1_000, 100_000
     probs = rng.dirichlet(np.full(classes, 0.05), size=examples)  # (E, c) peaked
     counts = rng.multinomial(n, probs)  # (E, c)
     labels = counts.argmax(axis=1)  # (E,)
+    certified_radius(counts[:100], labels[:100], (1, 3, 5), SIGMA, 0.001)  # warm-up
+    cpu = torch.device("cpu")
     times = {}
     for top_k in ((1,), (3,), (5,), (1, 3, 5)):
-        best = math.inf
-        for _ in range(repeats):
+
+        def rate(top_k=top_k) -> float:  # calls per second
             start = time.perf_counter()
             certified_radius(counts, labels, top_k, SIGMA, 0.001)
-            best = min(best, time.perf_counter() - start)
-        times["k=" + ",".join(map(str, top_k))] = best
+            return 1.0 / (time.perf_counter() - start)
+
+        best = max(clean_run(rate, cpu, args.tries, args.idle_wait)[0] for _ in range(args.repeats))
+        times["k=" + ",".join(map(str, top_k))] = 1.0 / best
     print(
         "\n(d) certified_radius, 10,000 examples x 1,000 classes: "
         + ", ".join(f"{k}: {s:.3f} s" for k, s in times.items())
@@ -245,7 +289,7 @@ def main(argv=None) -> None:
             print(f"\n{notes[-1]}")
             continue
         rows += bench_model(name, args, device)
-    radius = {} if args.skip_radius else bench_radius(args.repeats)
+    radius = {} if args.skip_radius else bench_radius(args)
     result = {
         "machine": info,
         "options": {k: str(v) for k, v in options(args).items()},

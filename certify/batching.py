@@ -71,7 +71,7 @@ class LabelForward:
         return (self.autocast_dtype, self.channels_last, self.compile, self.cuda_graphs)
 
     def buffer(self, rows: int, sample_shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
-        """An uninitialised ``(rows, *sample_shape)`` buffer for noisy inputs.
+        """A ``(rows, *sample_shape)`` buffer for noisy inputs (zeroed when new).
 
         Channels-last when asked (4-D batches only); with CUDA graphs, the graph's persistent
         static input (so that a full batch is replayed without a copy).
@@ -89,8 +89,8 @@ class LabelForward:
         layout = torch.contiguous_format
         if self.channels_last and len(sample_shape) == 3:
             layout = torch.channels_last
-        empty = torch.empty((rows, *sample_shape), dtype=dtype, device=device)
-        return empty.contiguous(memory_format=layout).zero_()  # (rows, *sample_shape)
+        shape = (rows, *sample_shape)
+        return torch.empty(shape, dtype=dtype, device=device, memory_format=layout).zero_()
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         graph = self._graph

@@ -78,6 +78,10 @@ class CertificationCallback(pl.Callback):
         self.indices: np.ndarray | None = None
         self.dataset = None
         self.last_seconds: float | None = None
+        self.fit_seconds: float | None = None  # the last fit: wall time, all epochs
+        self.certify_seconds = 0.0  # ... of which certifying
+        self._fit_start: float | None = None
+        self._first_epoch = 0
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -121,6 +125,34 @@ class CertificationCallback(pl.Callback):
             raise ValueError("CertificationCallback: there is no validation data to certify")
         return dataset
 
+    # ------------------------------------------------------------------ timing
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start, self.certify_seconds, self.fit_seconds = time.perf_counter(), 0.0, None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._first_epoch = trainer.current_epoch  # after a resume, not 0
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Report the share of the fit's wall time spent certifying (logged and printed)."""
+        if self._fit_start is None:
+            return
+        self.fit_seconds = time.perf_counter() - self._fit_start
+        epochs = max(1, trainer.current_epoch - self._first_epoch)  # run by this fit
+        share = self.certify_seconds / max(self.fit_seconds, 1e-9)
+        metrics = {
+            "fit/certify_seconds": self.certify_seconds,
+            "fit/seconds": self.fit_seconds,
+            "fit/certify_share": share,
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if trainer.global_rank == 0:
+            print(
+                f"Certification took {self.certify_seconds:.1f} s of the {self.fit_seconds:.1f} s "
+                f"fit ({share:.0%}): {self.certify_seconds / epochs:.2f} s per epoch of "
+                f"{self.fit_seconds / epochs:.2f} s on average over {epochs} epochs"
+            )
+
     # ------------------------------------------------------------------ epoch end
     def _due(self, trainer: pl.Trainer) -> bool:
         if trainer.sanity_checking:
@@ -139,6 +171,8 @@ class CertificationCallback(pl.Callback):
         values = metric.compute()  # summed over all processes
         seconds = time.perf_counter() - start
         self.last_seconds = seconds
+        if trainer.state.fn == "fit":
+            self.certify_seconds += seconds
         pl_module.log_dict({f"val/{key}": value.float() for key, value in values.items()})
         pl_module.log("val/certify_seconds", seconds, reduce_fx="max", sync_dist=True)
         self._log_curve(trainer, metric, values)

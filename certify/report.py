@@ -8,6 +8,7 @@ import io
 import json
 import math
 import re
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +115,8 @@ def plot_curves(radii: np.ndarray, top_k, description: str, path: Path) -> None:
         certified = np.nan_to_num(radii[:, i], nan=-1.0)
         ax.plot(grid, (certified[:, None] >= grid[None, :]).mean(axis=0), label=f"top-{k}")
     ax.set(xlabel="radius (l2)", ylabel="certified accuracy", ylim=(0, 1.02), xlim=(0, top))
-    ax.set_title(f"Certified top-k accuracy\n{description}", fontsize=9)
+    subtitle = "\n".join(textwrap.wrap(description, width=70))  # fits the figure's width
+    ax.set_title(f"Certified top-k accuracy\n{subtitle}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -116,12 +116,22 @@ class CertifyTask(pl.LightningModule):
 
 
 def finish(output: CertifyOutput, selected: list[int], trainer: pl.Trainer | None) -> bool:
-    """Merge the parts, write the report and log it to W&B; False if examples are missing."""
+    """Merge the parts, write the report and log it to W&B; False if examples are missing.
+
+    Prints the report's table and the sampling time per example (the ``seconds`` column).
+    """
     if not output.merge(selected):
         return False
     result = write_report(output.directory / RESULTS)
     if trainer is not None:
         _log_to_wandb(trainer, result)
+    seconds = np.loadtxt(output.directory / RESULTS, skiprows=1, usecols=-1, ndmin=1)
+    print((result["output_dir"] / "report.md").read_text(), end="")
+    print(
+        f"certify: {len(selected)} examples, {seconds.mean():.3f} s each on average "
+        f"({seconds.sum():.1f} s in all); wrote {RESULTS}, counts.txt, report.md, report.csv "
+        f"and certified_accuracy.png to {output.directory}"
+    )
     return True
 
 
@@ -243,7 +253,17 @@ class CertifyingTrainer(pl.Trainer):
         }  # fmt: skip
         output = CertifyOutput(output_dir, metadata, top_k)
         output.prepare()
-        if all(i in output.read_parts() for i in selected):
+        finished = output.read_parts()
+        done = sum(i in finished for i in selected)
+        if self.is_global_zero:
+            total, where = len(selected), output.directory
+            if done == total:
+                print(f"certify: all {total} examples are already in {where}; merging")
+            elif done:
+                print(f"certify: {done} of {total} examples already in {where}, resuming")
+            else:
+                print(f"certify: {total} examples, n = {n}, into {where}")
+        if done == len(selected):
             return finish(output, selected, self)
         options = dict(n=n, alpha=alpha, top_k=top_k, bounds=bounds, sigma=sigma, seed=seed,
                        batch_size=batch_size)  # fmt: skip

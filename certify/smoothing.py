@@ -20,7 +20,14 @@ from certify.batching import LabelForward, auto_batch_size
 from certify.bounds import simuem_bounds
 from certify.packing import capacity, plan
 from certify.radius import certified_radius
-from certify.validation import check_alpha, check_sigma, check_top_k
+from certify.validation import (
+    check_alpha,
+    check_bounds,
+    check_labels,
+    check_seed,
+    check_sigma,
+    check_top_k,
+)
 
 NOISE_CHUNK = 128
 #: A typical batch size, for callers planning how many inputs to pass per call; the sampler
@@ -174,6 +181,7 @@ class SmoothedClassifier:
         ):
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         ids = self._example_ids(example_ids, x.shape[0])
+        seed = check_seed(seed)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         noise_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -238,10 +246,16 @@ class SmoothedClassifier:
     def _example_ids(example_ids, batch: int) -> list[int]:
         if example_ids is None:
             return list(range(batch))
-        ids = example_ids.tolist() if isinstance(example_ids, torch.Tensor) else list(example_ids)
-        if len(ids) != batch or not all(isinstance(i, int) and i >= 0 for i in ids):
+        if isinstance(example_ids, (torch.Tensor, np.ndarray)):
+            ids = example_ids.tolist()  # Python ints (floats stay floats and are refused)
+        else:
+            ids = list(example_ids)
+        ok = all(
+            isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0 for i in ids
+        )
+        if len(ids) != batch or not ok:
             raise ValueError(f"example_ids must be {batch} non-negative integers, got {ids!r}")
-        return ids
+        return [int(i) for i in ids]
 
     # ------------------------------------------------------------------ decisions
     def certify(
@@ -263,13 +277,11 @@ class SmoothedClassifier:
         """
         top_k = check_top_k(top_k, self.num_classes)
         check_alpha(alpha)
-        labels = torch.as_tensor(labels)
-        if labels.shape != (x.shape[0],):
-            raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
-        if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
-            raise ValueError(f"labels must lie in 0..{self.num_classes - 1}, got {labels.tolist()}")
+        check_bounds(bounds)
+        x = self._check_inputs(x)
+        labels = torch.from_numpy(check_labels(labels, x.shape[0], self.num_classes))  # (B,)
         counts = self.sample_counts(x, n, batch_size, seed, example_ids)
-        return certified_radius(counts.cpu(), labels.cpu(), top_k, self.sigma, alpha, bounds)
+        return certified_radius(counts.cpu(), labels, top_k, self.sigma, alpha, bounds)
 
     def predict(
         self,

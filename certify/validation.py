@@ -57,6 +57,7 @@ def check_labels(labels, batch: int, num_classes: int) -> np.ndarray:
     if bad.size:
         raise ValueError(
             f"label {int(arr[bad[0]])} of row {int(bad[0])} is outside 0..{num_classes - 1}"
+            " (labels must be class indices)"
         )
     return arr.astype(np.int64, copy=False)
 
@@ -71,6 +72,13 @@ def check_top_k(top_k: int | Sequence[int], num_classes: int) -> tuple[int, ...]
         if not 1 <= k < num_classes:
             raise ValueError(f"k must satisfy 1 <= k < c = {num_classes}, got k = {k}")
     return tuple(int(k) for k in ks)
+
+
+def check_seed(seed) -> int | None:
+    """``None`` or an integer (Python or NumPy; not a bool or a float)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    return None if seed is None else int(seed)
 
 
 def check_bounds(bounds: str) -> str:

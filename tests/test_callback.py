@@ -83,6 +83,18 @@ def test_every_certified_epoch_reaches_wandb(digits_fit):
     assert len(curves) == 2  # the line-series chart, refreshed each time
 
 
+def test_fit_reports_the_share_of_time_spent_certifying(digits_fit):
+    (run_file,) = digits_fit.glob("runs/wandb/offline-run-*/run-*.wandb")
+    rows = history(run_file)
+    (fit,) = [row for row in rows if "fit/certify_share" in row]
+    certified = sum(row["val/certify_seconds"] for row in rows if "val/certify_seconds" in row)
+    assert fit["fit/certify_seconds"] == pytest.approx(certified, rel=1e-6)  # the same runs
+    assert 0 < fit["fit/certify_seconds"] < fit["fit/seconds"]
+    assert fit["fit/certify_share"] == pytest.approx(
+        fit["fit/certify_seconds"] / fit["fit/seconds"]
+    )
+
+
 def _read_csv_metrics(directory: Path) -> dict:
     (path,) = directory.glob("**/metrics.csv")
     with open(path) as handle:

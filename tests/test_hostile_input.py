@@ -360,9 +360,8 @@ def test_smoothed_classifier_rejects_bad_construction(kwargs, match):
         SmoothedClassifier(**args)
 
 
-# Known problems of certify/smoothing.py (reported; it is being rewritten, so not fixed here).
-# strict=True: each of these turns into a failure once fixed, so the marker gets removed.
-KNOWN = [
+# Arguments that used to be refused only after the Monte Carlo run, or with a poor message.
+LATE = [
     (
         "float labels are rejected only after the whole Monte Carlo run",
         lambda s: s.certify(GOOD_X, torch.tensor([0.0, 1.0]), 1, 10, 0.1),
@@ -391,9 +390,8 @@ KNOWN = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="known smoothing.py problems, reported to its owner")
-@pytest.mark.parametrize(("call", "match"), [r[1:] for r in KNOWN], ids=[r[0] for r in KNOWN])
-def test_known_late_or_unnamed_rejections(call, match):
+@pytest.mark.parametrize(("call", "match"), [r[1:] for r in LATE], ids=[r[0] for r in LATE])
+def test_labels_bounds_and_seed_are_checked_before_sampling(call, match):
     """These bad arguments should also be named ValueErrors raised before any forward pass."""
     model = CountingModel()
     smoothed = SmoothedClassifier(model, num_classes=5, sigma=0.25)
@@ -402,7 +400,6 @@ def test_known_late_or_unnamed_rejections(call, match):
     assert model.calls == 0
 
 
-@pytest.mark.xfail(strict=True, reason="smoothing.py rejects numpy integer ids (reported)")
 def test_numpy_example_ids_are_accepted():
     """Dataset indices often come as a numpy integer array; they name the noise streams just as
     a list of Python ints does."""
