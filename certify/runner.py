@@ -88,7 +88,9 @@ class CertifyTask(pl.LightningModule):
         x, labels, indices = batch  # (b, C, H, W), (b,), (b,)
         opts = self.options
         start = time.perf_counter()
-        smoothed = SmoothedClassifier(self.net, self.num_classes, opts["sigma"])
+        smoothed = SmoothedClassifier(
+            self.net, self.num_classes, opts["sigma"], channels_last=opts["channels_last"]
+        )
         counts = smoothed.sample_counts(
             x, opts["n"], opts["batch_size"], opts["seed"], example_ids=indices.tolist()
         ).cpu()  # (b, c)
@@ -202,6 +204,7 @@ class CertifyingTrainer(pl.Trainer):
         seed: int = 0,
         sigma: float | None = None,
         output_dir: str = "runs/certify",
+        channels_last: bool = False,
     ) -> bool:
         """Certify a data split with the smoothed classifier (resumable, sharded over devices).
 
@@ -220,6 +223,8 @@ class CertifyingTrainer(pl.Trainer):
             seed: base seed of the noise; each example's stream is keyed by its index.
             sigma: noise level (default: the model's training sigma).
             output_dir: where certify.tsv, counts.txt and the report go.
+            channels_last: lay noisy batches out channels-last (faster for 3-channel conv
+                nets on CPUs and with bf16 on GPUs; other noise layout, so other counts).
 
         Returns:
             True when every selected example is certified and the report is written.
@@ -250,6 +255,7 @@ class CertifyingTrainer(pl.Trainer):
             "split": split, "skip": skip, "max_examples": max_examples, "seed": seed,
             "num_classes": num_classes, "examples": len(selected), "arch": arch,
             "checkpoint_sha256": None if ckpt_path is None else file_sha256(ckpt_path),
+            "channels_last": bool(channels_last),
         }  # fmt: skip
         output = CertifyOutput(output_dir, metadata, top_k)
         output.prepare()
@@ -266,7 +272,7 @@ class CertifyingTrainer(pl.Trainer):
         if done == len(selected):
             return finish(output, selected, self)
         options = dict(n=n, alpha=alpha, top_k=top_k, bounds=bounds, sigma=sigma, seed=seed,
-                       batch_size=batch_size)  # fmt: skip
+                       batch_size=batch_size, channels_last=bool(channels_last))  # fmt: skip
         task = CertifyTask(model.net, num_classes, dataset, selected, output, options)
         self.predict(task, return_predictions=False)
         return (output.directory / RESULTS).is_file()

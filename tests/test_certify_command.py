@@ -94,7 +94,10 @@ def test_resume_completes_an_interrupted_run(single_run, digits_checkpoint):
     assert len((partial / "parts" / "rank0.tsv").read_text().splitlines()) == EXAMPLES
 
 
-@pytest.mark.parametrize(("option", "value"), [("--n", "301"), ("--seed", "8"), ("--skip", "2")])
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--n", "301"), ("--seed", "8"), ("--skip", "2"), ("--channels_last", "true")],
+)
 def test_other_settings_are_refused(single_run, digits_checkpoint, option, value):
     before = (single_run / "certify.tsv").read_bytes()
     result = certify(single_run.parent, digits_checkpoint, "single", option, value)
