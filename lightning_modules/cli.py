@@ -19,6 +19,7 @@ from jsonargparse import ArgumentError
 from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from certify.checkpoints import (
     CheckpointError,
@@ -36,6 +37,8 @@ from lightning_modules.module import NoisyClassifier
 CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 #: Attributes of the datamodule that the model receives.
 LINKED_FROM_DATA = ("num_classes", "mean", "std")
+#: Model arguments that a checkpoint's hyperparameters replace (LightningCLI reads them back).
+FROM_CHECKPOINT = ("arch", "sigma")
 #: What a class raises at instantiation for a bad setting (value, path, device choice).
 USER_ERRORS = (ValueError, OSError, MisconfigurationException)
 
@@ -150,9 +153,15 @@ class TopkLightningCLI(LightningCLI):
         if local and not Path(ckpt_path).is_file():
             raise StartupError(f"checkpoint {ckpt_path!r} does not exist")
 
+    def _model_args(self) -> dict:
+        init = self.config.get(f"{self.config.get('subcommand')}.model.init_args")
+        return {} if init is None else {key: init.get(key) for key in FROM_CHECKPOINT}
+
     def _parse_ckpt_path(self) -> None:
         # Lightning reads the checkpoint's hyperparameters into the config here: a file that is
-        # not a checkpoint, or hyperparameters that do not parse, become one line.
+        # not a checkpoint, or hyperparameters that do not parse, become one line. Values the
+        # checkpoint replaces are named once the start-up checks have passed.
+        before = self._model_args() if self.config.get("subcommand") else {}
         try:
             super()._parse_ckpt_path()
         except Exception as err:  # noqa: BLE001 - diagnosed below, then reported in one line
@@ -164,6 +173,12 @@ class TopkLightningCLI(LightningCLI):
             raise StartupError(
                 f"checkpoint {path!r}: its hyperparameters cannot be read: {one_line(err)}"
             ) from None
+        after = self._model_args() if before else {}
+        self.replaced_by_checkpoint = [
+            f"model.{key} {before[key]!r} -> {after[key]!r}"
+            for key in FROM_CHECKPOINT
+            if before.get(key) != after.get(key)
+        ]
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # Checks that need the built model run before the trainer prints anything.
@@ -186,6 +201,14 @@ class TopkLightningCLI(LightningCLI):
                 raise StartupError(
                     f"every k must satisfy 1 <= k < num_classes = {num_classes}, got {top_k}"
                 )
+        replaced = getattr(self, "replaced_by_checkpoint", [])
+        if replaced and rank_zero_only.rank == 0:
+            hint = "; `certify --sigma` smooths at another level" if subcommand == "certify" else ""
+            print(
+                f"topk-smoothing {subcommand}: note: the checkpoint's hyperparameters replace "
+                f"the config's: {', '.join(replaced)}{hint}",
+                file=sys.stderr,
+            )
         return super().instantiate_trainer(**kwargs)
 
     def instantiate_classes(self) -> None:

@@ -202,3 +202,20 @@ def test_console_commands_fail_in_one_line(checkpoints, tmp_path):
         assert "Traceback" not in err and out == "", err[-3000:]
         assert_only_line(err, args[0], message)
     assert list(tmp_path.iterdir()) == []  # no runs/, no output directory
+
+
+def test_checkpoint_hyperparameters_that_replace_the_config_are_named(
+    isolated_run, capsys, digits_checkpoint
+):
+    """LightningCLI reads a checkpoint's hyperparameters back over the config: a --model.sigma
+    that the checkpoint overrides is named in a note, not dropped without a word."""
+    args = ["validate", "--config", DIGITS, "--ckpt_path", str(digits_checkpoint), *QUIET]
+    args += ["--trainer.limit_val_batches", "1"]
+    assert main([*args, "--model.sigma", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "topk-smoothing validate: note: the checkpoint's hyperparameters replace the config's: "
+        "model.sigma 0.5 -> 0.25"
+    ) in err
+    assert main(args) == 0  # the config agrees with the checkpoint: no note
+    assert "note:" not in capsys.readouterr().err
