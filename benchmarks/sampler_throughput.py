@@ -38,14 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
     MODELS,
-    OtherLoad,
     clean_run,
     forward_rate,
     machine,
     one_input_per_batch,
     sweep_forward,
     synchronize,
-    wait_for_idle_cpu,
 )
 from certify import SmoothedClassifier, certified_radius  # noqa: E402
 from certify.batching import clear_batch_size_cache  # noqa: E402
@@ -155,17 +153,17 @@ def bench_model(name: str, args, device: torch.device) -> list[dict]:
 
 def _tune(smoothed, spec, args, device) -> tuple[int, float]:
     """The sampler's automatic batch size and its tuning time, from a run on idle CPUs."""
-    for _ in range(args.tries):
+    result = {}
+
+    def tune() -> float:
         clear_batch_size_cache()
-        if device.type == "cpu":
-            wait_for_idle_cpu(args.idle_wait)
-        with OtherLoad() as load:
-            start = time.perf_counter()
-            auto = smoothed.auto_batch_size(spec.shape)
-            tuning = time.perf_counter() - start
-        if device.type == "cuda" or not load.share > 0.1:
-            break
-    return auto, tuning
+        start = time.perf_counter()
+        result["auto"] = smoothed.auto_batch_size(spec.shape)
+        result["seconds"] = time.perf_counter() - start
+        return 0.0  # clean_run keeps retrying until one run was clean; the last one counts
+
+    clean_run(tune, device, args.tries, args.idle_wait)
+    return result["auto"], result["seconds"]
 
 
 def _clean(fn, args, device) -> float:
