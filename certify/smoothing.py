@@ -1,10 +1,10 @@
 """The smoothed classifier: Monte Carlo counts of a base classifier under Gaussian noise.
 
 Reproducibility: the noise of every input is a pure function of ``(seed, example_id,
-sample index)``. Each input's n samples are cut into fixed chunks of ``NOISE_CHUNK`` samples
-and every chunk is drawn from a generator seeded by a hash of ``(seed, example_id, chunk)``,
-so the counts of an input do not depend on the batch size, on the other inputs of the call or
-on the process that handles it.
+sample index)``. Each input's n samples are cut into fixed chunks (``NOISE_CHUNK`` samples on
+a CPU, longer on a GPU: ``noise_chunk``) and every chunk is drawn from a generator seeded by a
+hash of ``(seed, example_id, chunk)``, so the counts of an input do not depend on the batch
+size, on the other inputs of the call or on the process that handles it.
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ from certify.validation import (
 )
 
 NOISE_CHUNK = 128
+#: Off the CPU every chunk costs a kernel launch (about 10 us of host time, longer than the
+#: GPU takes to draw a small chunk), so chunks are longer there: up to this many samples ...
+LONG_NOISE_CHUNK = 4096
+LONG_NOISE_CHUNK_BYTES = 32 * 2**20  # ... as long as one chunk of float32 noise fits in this
 #: A typical batch size, for callers planning how many inputs to pass per call; the sampler
 #: itself tunes the batch size when none is given (``SmoothedClassifier.auto_batch_size``).
 DEFAULT_BATCH_SIZE = 1000
@@ -52,6 +56,28 @@ def _stream_seed(seed: int, example_id: int) -> int:
 def chunk_seed(seed: int, example_id: int, chunk: int) -> int:
     """Seed of one chunk of one input's noise stream (a 63-bit integer)."""
     return _mix64(_stream_seed(seed, example_id) ^ chunk) >> 1
+
+
+def noise_chunk(device: torch.device | str, sample_shape: Sequence[int]) -> int:
+    """Samples per noise chunk for inputs of ``sample_shape`` sampled on ``device``.
+
+    ``NOISE_CHUNK`` on a CPU. On a GPU, the largest power of two up to ``LONG_NOISE_CHUNK``
+    whose chunk of float32 noise fits in ``LONG_NOISE_CHUNK_BYTES`` (at least ``NOISE_CHUNK``):
+    4,096 for 8x8 digits, 2,048 for 3x32x32 CIFAR images, 128 for 3x224x224 ImageNet images.
+    It depends only on the device type and the input shape, never on the batch size, so the
+    counts stay a pure function of ``(seed, example_id)`` on a given device type.
+
+    Example:
+        >>> noise_chunk("cpu", (3, 32, 32)), noise_chunk("cuda", (3, 32, 32))
+        (128, 2048)
+    """
+    if torch.device(device).type == "cpu":
+        return NOISE_CHUNK
+    numel = max(1, int(np.prod(sample_shape, dtype=np.int64)))
+    chunk = LONG_NOISE_CHUNK
+    while chunk > NOISE_CHUNK and chunk * numel * 4 > LONG_NOISE_CHUNK_BYTES:
+        chunk //= 2
+    return chunk
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -193,16 +219,20 @@ class SmoothedClassifier:
                 batch_size = auto_batch_size(
                     self.model, self._forward, tuple(x.shape[1:]), noise_dtype, x.device
                 )
-            return self._sample(x, int(n), batch_size, seed, ids)
+            chunk = noise_chunk(x.device, x.shape[1:])
+            return self._sample(x, int(n), batch_size, seed, ids, chunk)
         finally:
             self.model.train(was_training)
 
     def _sample(
-        self, x: torch.Tensor, n: int, batch_size: int, seed: int, ids: list[int]
+        self, x: torch.Tensor, n: int, batch_size: int, seed: int, ids: list[int], chunk: int
     ) -> torch.Tensor:
-        """The sampling loop (model in eval mode, inference mode on); see ``certify.packing``."""
+        """The sampling loop (model in eval mode, inference mode on); see ``certify.packing``.
+
+        ``chunk``: samples per noise chunk (``noise_chunk``; part of the counts' identity).
+        """
         device, c = x.device, self.num_classes
-        rows = capacity(batch_size, NOISE_CHUNK)
+        rows = capacity(batch_size, chunk)
         counts = torch.zeros(x.shape[0] * c, dtype=torch.int64, device=device)  # (B * c,)
         noisy = self._forward.buffer(rows, x.shape[1:], x.dtype, device)  # (rows, *shape)
         # The noise is drawn in the buffer's memory order (channels-last: (rows, H, W, C)).
@@ -220,7 +250,7 @@ class SmoothedClassifier:
                 owner[lo:hi].fill_(b * c)
             run[:] = [-1, 0, 0]
 
-        for ops in plan(x.shape[0], n, batch_size, NOISE_CHUNK):
+        for ops in plan(x.shape[0], n, batch_size, chunk):
             for op in ops:
                 if op[0] == "noise":
                     _, b, j, length, row = op

@@ -8,7 +8,7 @@ from torch import nn
 
 from certify import SmoothedClassifier, batching
 from certify.packing import capacity, plan
-from certify.smoothing import NOISE_CHUNK
+from certify.smoothing import NOISE_CHUNK, noise_chunk
 
 
 def small_cnn(num_classes=5, channels=1):
@@ -129,17 +129,17 @@ def test_noisy_inputs_never_exceed_one_batch(n, batch_size, monkeypatch):
     assert max(shape[0] for shape in model.shapes) <= batch_size
 
 
-def simulate(inputs, n, batch_size):
+def simulate(inputs, n, batch_size, chunk=NOISE_CHUNK):
     """Run a packing plan on a buffer of (input, sample) labels; return the forward sizes."""
-    rows = capacity(batch_size, NOISE_CHUNK)
+    rows = capacity(batch_size, chunk)
     buffer, seen, sizes = [None] * rows, [], []
-    for ops in plan(inputs, n, batch_size, NOISE_CHUNK):
+    for ops in plan(inputs, n, batch_size, chunk):
         sizes.append([])
         for op in ops:
             if op[0] == "noise":
                 _, b, j, length, row = op
                 assert 0 <= row and row + length <= rows
-                buffer[row : row + length] = [(b, j * NOISE_CHUNK + i) for i in range(length)]
+                buffer[row : row + length] = [(b, j * chunk + i) for i in range(length)]
             elif op[0] == "copy":
                 _, src, dst, m = op
                 assert src + m <= dst or dst + m <= src  # disjoint
@@ -162,6 +162,41 @@ def test_packing_classifies_every_sample_once_in_full_batches(n, batch_size):
         if batch_size < NOISE_CHUNK or batch_size >= 2 * NOISE_CHUNK:
             # Every forward pass is a full batch, except those of the last refill.
             assert all(size == batch_size for refill in sizes[:-1] for size in refill)
+
+
+@pytest.mark.parametrize("chunk", [2048, 4096])
+@pytest.mark.parametrize("n", [100, 1000, 4097, 10_000])
+@pytest.mark.parametrize("batch_size", [100, 1000, 4096, 8192, 65_536])
+def test_packing_with_the_long_chunks_of_a_gpu(n, batch_size, chunk):
+    for inputs in (1, 3, 8):
+        sizes = simulate(inputs, n, batch_size, chunk)
+        if batch_size < chunk or batch_size >= 2 * chunk:
+            assert all(size == batch_size for refill in sizes[:-1] for size in refill)
+
+
+def test_noise_chunk_depends_on_device_type_and_input_size_only():
+    assert {noise_chunk("cpu", shape) for shape in [(1, 8, 8), (3, 224, 224)]} == {NOISE_CHUNK}
+    assert noise_chunk("cuda", (1, 8, 8)) == 4096  # 1 MiB of float32 noise
+    assert noise_chunk("cuda:1", (3, 32, 32)) == 2048  # 24 MiB
+    assert noise_chunk("cuda", (3, 224, 224)) == NOISE_CHUNK  # never shorter than on a CPU
+
+
+@pytest.mark.parametrize("chunk", [NOISE_CHUNK, 4096])
+def test_counts_are_batch_size_invariant_whatever_the_chunk(chunk):
+    smoothed = SmoothedClassifier(small_cnn(), num_classes=5, sigma=0.5)
+    x, ids = torch.rand(3, 1, 8, 8), [5, 0, 2]
+
+    def counts(batch_size):
+        with torch.inference_mode():
+            return smoothed._sample(x, 5000, batch_size, 7, ids, chunk)
+
+    reference = counts(5000)
+    assert reference.sum(dim=1).tolist() == [5000] * 3
+    for size in (64, 1000, 4096, 8192):
+        torch.testing.assert_close(counts(size), reference, rtol=0, atol=0)
+    if chunk == NOISE_CHUNK:  # the sampler's own chunk on a CPU
+        public = smoothed.sample_counts(x, 5000, batch_size=333, seed=7, example_ids=ids)
+        torch.testing.assert_close(public, reference, rtol=0, atol=0)
 
 
 def test_tuner_stops_when_throughput_stops_improving(monkeypatch):
