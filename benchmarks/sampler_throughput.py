@@ -285,25 +285,20 @@ def main(argv=None) -> None:
     info = machine(device)
     print(" | ".join(f"{k}: {v}" for k, v in info.items()))
     print("options:", {k: str(v) for k, v in options(args).items()})
-    rows = []
-    notes = []
-    for name in args.models:
-        if MODELS[name].gpu_only and device.type != "cuda":
-            notes.append(f"{name}: skipped, GPU only (224x224 ImageNet model)")
-            print(f"\n{notes[-1]}")
-            continue
-        rows += bench_model(name, args, device)
-    radius = {} if args.skip_radius else bench_radius(args)
-    result = {
-        "machine": info,
-        "options": {k: str(v) for k, v in options(args).items()},
-        "rows": rows,
-        "certified_radius_s": radius,
-        "notes": notes,
-    }
-    print("\n" + table(rows, radius))
     path = args.json or Path(__file__).parent / "results" / f"sampler_{device.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    result = {"machine": info, "options": {k: str(v) for k, v in options(args).items()}}
+    result.update(rows=[], certified_radius_s={}, notes=[])
+    for name in args.models:
+        if MODELS[name].gpu_only and device.type != "cuda":
+            result["notes"].append(f"{name}: skipped, GPU only (224x224 ImageNet model)")
+            print(f"\n{result['notes'][-1]}")
+            continue
+        result["rows"] += bench_model(name, args, device)
+        path.write_text(json.dumps(result, indent=1))  # what is done so far, should a limit hit
+    if not args.skip_radius:
+        result["certified_radius_s"] = bench_radius(args)
+    print("\n" + table(result["rows"], result["certified_radius_s"]))
     path.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {path} ({platform.node()})")
 

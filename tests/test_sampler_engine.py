@@ -1,6 +1,7 @@
 """The sampler's engine: automatic batch size, its cache, the memory bound and the options."""
 
 import gc
+from functools import partial
 
 import pytest
 import torch
@@ -214,6 +215,19 @@ def test_tuner_stops_when_throughput_stops_improving(monkeypatch):
     )
     assert size == 64
     assert 512 not in timed  # two candidates without improvement end the search
+
+
+def test_tuner_looks_one_size_further_on_a_gpu(monkeypatch):
+    seconds = {16: 1.0, 32: 2.0, 64: 4.0, 128: 4.0}  # flat, then twice as fast at 128
+
+    def fake(forward, size, *args, **kwargs):
+        return seconds[size] / 1000, 0.0
+
+    monkeypatch.setattr(batching, "_time_forward", fake)
+    forward = batching.LabelForward(small_cnn(), 5)
+    tune = partial(batching.tune_batch_size, forward, forward.model, (1, 8, 8), torch.float32)
+    assert tune(torch.device("cpu"), tuple(seconds)) == 16  # two misses end the search
+    assert tune(torch.device("cuda"), tuple(seconds)) == 128  # three on a GPU
 
 
 def test_tuner_stops_at_out_of_memory_and_at_the_memory_budget(monkeypatch):
