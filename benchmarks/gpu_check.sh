@@ -20,7 +20,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 $python -c "import torch, torchvision; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 'cudnn', torch.backends.cudnn.version(), 'torchvision', torchvision.__version__)" | tee -a "$out/gpu.txt"
 
-timeout 60 $python -m pytest -q -p no:cacheprovider tests/test_sampler_devices.py \
+timeout 40 $python -m pytest -q -p no:cacheprovider tests/test_sampler_devices.py \
     tests/test_sampler_engine.py >"$out/tests.log" 2>&1
 echo "tests: exit $? ($(tail -1 "$out/tests.log"))"
 
@@ -36,4 +36,4 @@ bench() {  # NAME LIMIT OPTIONS...
 }
 bench default "$limit"
 bench fast "$limit" --channels-last --autocast bf16 --cuda-graphs --cudnn-benchmark
-bench compile 45 --compile --models digits_cnn --n 1000
+bench compile 40 --compile --models digits_cnn --n 1000
