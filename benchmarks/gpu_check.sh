@@ -11,7 +11,7 @@ set -u
 out=${1:-benchmarks/results}
 models=${2:-digits_cnn cifar_resnet20 cifar_resnet110 resnet50}
 ns=${3:-100 1000 10000}
-limit=${LIMIT:-180}
+limit=${LIMIT:-900}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 python=${PYTHON:-python3}

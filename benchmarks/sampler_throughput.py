@@ -6,7 +6,8 @@ For every model, on one device and one batch size, the script measures:
     pre-made batch), at the fastest batch size of a sweep and at the sampler's automatic one;
 (b) ``SmoothedClassifier.sample_counts`` throughput on a set of inputs, for several n;
 (c) a one-input-per-batch loop in the style of the original implementations (repeat the
-    image, add noise, forward, argmax, copy to the host, count on the host);
+    image, add noise, forward, argmax, copy to the host, count on the host), at (b)'s batch
+    size capped at n, on as many of the inputs as it gets through in ``--seconds``;
 (d) ``certified_radius`` time for 10,000 examples x 1,000 classes, k in {1, 3, 5};
 
 then prints a table with the ratios (b)/(a) and (b)/(c) and writes it as JSON. Every round
@@ -17,6 +18,7 @@ machine whose speed drifts between rounds (a shared VM) does not decide it.
     python benchmarks/sampler_throughput.py                       # CPU: digits CNN, ResNet-20/110
     python benchmarks/sampler_throughput.py --device cuda         # + ResNet-50 at 224x224
     python benchmarks/sampler_throughput.py --models cifar_resnet110 resnet50 --device cuda
+    bash benchmarks/gpu_check.sh OUTDIR       # CUDA tests + default, fast and compiled runs
 """
 
 from __future__ import annotations

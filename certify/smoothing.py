@@ -1,10 +1,8 @@
 """The smoothed classifier: Monte Carlo counts of a base classifier under Gaussian noise.
 
 Reproducibility: the noise of every input is a pure function of ``(seed, example_id,
-sample index)``. Each input's n samples are cut into fixed chunks (``NOISE_CHUNK`` samples on
-a CPU, longer on a GPU: ``noise_chunk``) and every chunk is drawn from a generator seeded by a
-hash of ``(seed, example_id, chunk)``, so the counts of an input do not depend on the batch
-size, on the other inputs of the call or on the process that handles it.
+sample index)`` on a given device type (``certify.noise``), so the counts of an input do not
+depend on the batch size, on the other inputs of the call or on the process that handles it.
 """
 
 from __future__ import annotations
@@ -18,6 +16,7 @@ from torch import nn
 
 from certify.batching import LabelForward, auto_batch_size
 from certify.bounds import simuem_bounds
+from certify.noise import add_inputs, mix64, noise_chunk, stream_seed
 from certify.packing import capacity, plan
 from certify.radius import certified_radius
 from certify.validation import (
@@ -29,55 +28,9 @@ from certify.validation import (
     check_top_k,
 )
 
-NOISE_CHUNK = 128
-#: Off the CPU every chunk costs a kernel launch (about 10 us of host time, longer than the
-#: GPU takes to draw a small chunk), so chunks are longer there: up to this many samples ...
-LONG_NOISE_CHUNK = 4096
-LONG_NOISE_CHUNK_BYTES = 32 * 2**20  # ... as long as one chunk of float32 noise fits in this
 #: A typical batch size, for callers planning how many inputs to pass per call; the sampler
 #: itself tunes the batch size when none is given (``SmoothedClassifier.auto_batch_size``).
 DEFAULT_BATCH_SIZE = 1000
-_MASK64 = (1 << 64) - 1
-
-
-def _mix64(z: int) -> int:
-    """SplitMix64 finaliser: a bijective scramble of a 64-bit integer."""
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def _stream_seed(seed: int, example_id: int) -> int:
-    """The part of ``chunk_seed`` shared by all chunks of one input."""
-    return _mix64(_mix64(seed & _MASK64) ^ (example_id & _MASK64))
-
-
-def chunk_seed(seed: int, example_id: int, chunk: int) -> int:
-    """Seed of one chunk of one input's noise stream (a 63-bit integer)."""
-    return _mix64(_stream_seed(seed, example_id) ^ chunk) >> 1
-
-
-def noise_chunk(device: torch.device | str, sample_shape: Sequence[int]) -> int:
-    """Samples per noise chunk for inputs of ``sample_shape`` sampled on ``device``.
-
-    ``NOISE_CHUNK`` on a CPU. On a GPU, the largest power of two up to ``LONG_NOISE_CHUNK``
-    whose chunk of float32 noise fits in ``LONG_NOISE_CHUNK_BYTES`` (at least ``NOISE_CHUNK``):
-    4,096 for 8x8 digits, 2,048 for 3x32x32 CIFAR images, 128 for 3x224x224 ImageNet images.
-    It depends only on the device type and the input shape, never on the batch size, so the
-    counts stay a pure function of ``(seed, example_id)`` on a given device type.
-
-    Example:
-        >>> noise_chunk("cpu", (3, 32, 32)), noise_chunk("cuda", (3, 32, 32))
-        (128, 2048)
-    """
-    if torch.device(device).type == "cpu":
-        return NOISE_CHUNK
-    numel = max(1, int(np.prod(sample_shape, dtype=np.int64)))
-    chunk = LONG_NOISE_CHUNK
-    while chunk > NOISE_CHUNK and chunk * numel * 4 > LONG_NOISE_CHUNK_BYTES:
-        chunk //= 2
-    return chunk
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -240,7 +193,7 @@ class SmoothedClassifier:
         owner = torch.empty(rows, dtype=torch.int64, device=device)  # (rows,) b * c
         ones = torch.ones(batch_size, dtype=torch.int64, device=device)  # (batch_size,)
         generator = torch.Generator(device=device)
-        streams = [_stream_seed(seed, i) for i in ids]
+        streams = [stream_seed(seed, i) for i in ids]
         # Rows whose input is yet to be added: runs [input, first row, end row] that follow
         # each other in the buffer (added together, before anything can overwrite them).
         runs: list[list[int]] = []
@@ -256,12 +209,12 @@ class SmoothedClassifier:
                         else:
                             runs.append([b, row, row + length])
                     else:  # elsewhere in the buffer: what is pending first
-                        _add_inputs(noisy, owner, x, offsets, runs)
+                        add_inputs(noisy, owner, x, offsets, runs)
                         runs = [[b, row, row + length]]
-                    generator.manual_seed(_mix64(streams[b] ^ j) >> 1)
+                    generator.manual_seed(mix64(streams[b] ^ j) >> 1)
                     flat[row : row + length].normal_(0.0, self.sigma, generator=generator)
                     continue
-                _add_inputs(noisy, owner, x, offsets, runs)
+                add_inputs(noisy, owner, x, offsets, runs)
                 runs = []
                 if op[0] == "copy":
                     _, src, dst, m = op
@@ -339,25 +292,6 @@ class SmoothedClassifier:
         check_alpha(alpha)
         counts = self.sample_counts(x, n, batch_size, seed, example_ids).cpu()
         return top_k_set(counts, k, alpha)
-
-
-def _add_inputs(noisy, owner, x, offsets, runs: list[list[int]]) -> None:
-    """Add input b to its rows of noise and mark them as b's, for every run ``[b, lo, hi]``.
-
-    Runs of consecutive inputs and equal length (the usual layout: one run per input) are
-    done by one broadcast operation each, instead of two per input: off the CPU every
-    operation is a kernel launch. The sums are the same as one input at a time.
-    """
-    i = 0
-    while i < len(runs):
-        b, lo, hi = runs[i]
-        length, k = hi - lo, 1
-        while i + k < len(runs) and runs[i + k] == [b + k, lo + k * length, hi + k * length]:
-            k += 1
-        end = lo + k * length
-        noisy[lo:end].unflatten(0, (k, length)).add_(x[b : b + k].unsqueeze(1))  # (k, L, *shape)
-        owner[lo:end].view(k, length).copy_(offsets[b : b + k, None].expand(k, length))
-        i += k
 
 
 def top_k_set(counts: torch.Tensor, k: int, alpha: float) -> torch.Tensor:

@@ -10,7 +10,7 @@ from scipy.stats import norm
 from torch import nn
 
 from certify import SmoothedClassifier, batching
-from certify.smoothing import noise_chunk
+from certify.noise import noise_chunk
 
 DEVICES = [
     "cpu",

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from certify import SmoothedClassifier, batching
+from certify.noise import NOISE_CHUNK, noise_chunk
 from certify.packing import capacity, plan
-from certify.smoothing import NOISE_CHUNK, noise_chunk
 
 
 def small_cnn(num_classes=5, channels=1):

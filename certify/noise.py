@@ -1,0 +1,86 @@
+"""The noise streams of the sampler: which generator seed and which rows each sample gets.
+
+Every input's n samples are cut into chunks of a fixed length (``noise_chunk``) and chunk j
+of the input with id ``example_id`` is drawn from a generator seeded by
+``chunk_seed(seed, example_id, j)``. The noise of a sample is therefore a pure function of
+``(seed, example_id, sample index)`` on a given device type, whatever the batch size, the
+other inputs of the call or the process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+NOISE_CHUNK = 128  #: samples per noise chunk on a CPU
+#: Off the CPU every chunk costs a kernel launch (about 10 us of host time, longer than the
+#: GPU takes to draw a small chunk), so chunks are longer there: up to this many samples ...
+LONG_NOISE_CHUNK = 4096
+LONG_NOISE_CHUNK_BYTES = 32 * 2**20  # ... as long as one chunk of float32 noise fits in this
+_MASK64 = (1 << 64) - 1
+
+
+def mix64(z: int) -> int:
+    """SplitMix64 finaliser: a bijective scramble of a 64-bit integer."""
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def stream_seed(seed: int, example_id: int) -> int:
+    """The part of ``chunk_seed`` shared by all chunks of one input."""
+    return mix64(mix64(seed & _MASK64) ^ (example_id & _MASK64))
+
+
+def chunk_seed(seed: int, example_id: int, chunk: int) -> int:
+    """Seed of one chunk of one input's noise stream (a 63-bit integer)."""
+    return mix64(stream_seed(seed, example_id) ^ chunk) >> 1
+
+
+def noise_chunk(device: torch.device | str, sample_shape: Sequence[int]) -> int:
+    """Samples per noise chunk for inputs of ``sample_shape`` sampled on ``device``.
+
+    ``NOISE_CHUNK`` on a CPU. On a GPU, the largest power of two up to ``LONG_NOISE_CHUNK``
+    whose chunk of float32 noise fits in ``LONG_NOISE_CHUNK_BYTES`` (at least ``NOISE_CHUNK``):
+    4,096 for 8x8 digits, 2,048 for 3x32x32 CIFAR images, 128 for 3x224x224 ImageNet images.
+    It depends only on the device type and the input shape, never on the batch size, so the
+    counts stay a pure function of ``(seed, example_id)`` on a given device type.
+
+    Example:
+        >>> noise_chunk("cpu", (3, 32, 32)), noise_chunk("cuda", (3, 32, 32))
+        (128, 2048)
+    """
+    if torch.device(device).type == "cpu":
+        return NOISE_CHUNK
+    numel = max(1, int(np.prod(sample_shape, dtype=np.int64)))
+    chunk = LONG_NOISE_CHUNK
+    while chunk > NOISE_CHUNK and chunk * numel * 4 > LONG_NOISE_CHUNK_BYTES:
+        chunk //= 2
+    return chunk
+
+
+def add_inputs(noisy, owner, x, offsets, runs: list[list[int]]) -> None:
+    """Add input b to its rows of noise and mark them as b's, for every run ``[b, lo, hi]``.
+
+    Runs of consecutive inputs and equal length (the usual layout: one run per input) are
+    done by one broadcast operation each, instead of two per input: off the CPU every
+    operation is a kernel launch. The sums are the same as one input at a time.
+
+    Args:
+        noisy: ``(rows, *shape)`` buffer of noise; ``owner``: ``(rows,)`` int64, row -> b * c.
+        x: ``(B, *shape)`` inputs; ``offsets``: ``(B,)`` int64, ``b * c``.
+        runs: ``[b, lo, hi]`` runs in increasing row order, none overlapping.
+    """
+    i = 0
+    while i < len(runs):
+        b, lo, hi = runs[i]
+        length, k = hi - lo, 1
+        while i + k < len(runs) and runs[i + k] == [b + k, lo + k * length, hi + k * length]:
+            k += 1
+        end = lo + k * length
+        noisy[lo:end].unflatten(0, (k, length)).add_(x[b : b + k].unsqueeze(1))  # (k, L, *shape)
+        owner[lo:end].view(k, length).copy_(offsets[b : b + k, None].expand(k, length))
+        i += k
