@@ -32,7 +32,7 @@ MIN_TIME_S = 0.1  # ... then time at least this long ...
 MIN_REPEATS, MAX_REPEATS = 3, 8  # ... in this many passes (the median one counts)
 SLOW_FORWARD_S = 0.5  # no larger candidate once a single forward pass takes this long
 CONTENDERS = 3  # the best candidates of the growth phase ...
-EXTRA_ROUNDS = 3  # ... are timed again in this many round-robin rounds
+EXTRA_ROUNDS = 4  # ... are timed again in this many round-robin rounds
 TIME_BUDGET_S = 3.0  # no new timing after this much timing (compilation not counted)
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
@@ -188,9 +188,9 @@ def tune_batch_size(
     not ``GAIN`` times faster than the best so far, once one forward pass takes
     ``SLOW_FORWARD_S``, after ``TIME_BUDGET_S``, when the next candidate would exceed the CPU
     memory budget, or at the first CUDA out-of-memory error. Then the ``CONTENDERS`` best are
-    timed again in ``EXTRA_ROUNDS`` round-robin rounds (within the time budget; the best
-    median of each counts), so that a burst of load from other processes, or a drifting VM,
-    is less likely to decide.
+    timed again in ``EXTRA_ROUNDS`` round-robin rounds (within the time budget) and the one
+    with the best median over its timings wins, so that a burst of load from other processes,
+    a drifting VM or one lucky timing is less likely to decide.
     """
     rates: dict[int, float] = {}  # batch size -> samples per second
     misses, spent = 0, 0.0
@@ -212,6 +212,7 @@ def tune_batch_size(
     # A busy machine, or a VM whose speed drifts, can spoil a timing: time the best again,
     # round-robin, so that each is timed at several moments.
     contenders = sorted(rates, key=rates.get)[-CONTENDERS:] if len(rates) > 1 else []
+    rounds = {size: [rates[size]] for size in contenders}  # samples per second, per timing
     for _ in range(EXTRA_ROUNDS):
         for size in contenders:
             if spent >= TIME_BUDGET_S:
@@ -219,9 +220,12 @@ def tune_batch_size(
             seconds, charged = _time_forward(
                 forward, size, sample_shape, dtype, device, warm_up=False
             )
-            rates[size], spent = max(rates[size], size / seconds), spent + charged
+            rounds[size].append(size / seconds)
+            spent += charged
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    if contenders:  # the median timing: one lucky timing (seen: +40 %) must not decide
+        return max(contenders, key=lambda size: statistics.median(rounds[size]))
     return max(rates, key=rates.get) if rates else candidates[0]
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from certify.batching import LabelForward, auto_batch_size
 from certify.bounds import simuem_bounds
+from certify.cpu_memory import keep_freed_memory
 from certify.noise import add_inputs, mix64, noise_chunk, stream_seed
 from certify.packing import capacity, plan
 from certify.radius import certified_radius
@@ -119,6 +120,8 @@ class SmoothedClassifier:
             input_shape: the shape of one input, e.g. ``(3, 32, 32)``.
             dtype: the dtype of the noisy inputs (float32, or float64 for float64 inputs).
         """
+        if self.device.type == "cpu":
+            keep_freed_memory()
         was_training = self.model.training
         self.model.eval()
         try:
@@ -165,6 +168,8 @@ class SmoothedClassifier:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         noise_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         x = x.to(device=self.device, dtype=noise_dtype)  # (B, *shape)
+        if x.device.type == "cpu":
+            keep_freed_memory()  # see certify.cpu_memory: up to 2x on large batches
         was_training = self.model.training
         self.model.eval()
         try:

@@ -27,6 +27,7 @@ from certify.checkpoints import (
     network_state,
     read_checkpoint,
 )
+from certify.cpu_memory import keep_freed_memory
 from certify.outputs import OutputError
 from certify.runner import CertifyingTrainer, CertifySettingsError
 from certify.runner import check_settings as check_certify_settings
@@ -246,6 +247,7 @@ def main(argv: list[str]) -> int:
     prog = " ".join(["topk-smoothing", *argv[:1]])
     # The seed is in the config: keep a start-up error the only line a mistake prints.
     logging.getLogger("lightning_fabric.utilities.seed").setLevel(logging.WARNING)
+    keep_freed_memory()  # CPU training and sampling without a page fault per pass
     try:
         TopkLightningCLI(args=list_options(list(argv), ("--k",)))
     except (StartupError, CertifySettingsError, CheckpointError, OutputError) as err:
