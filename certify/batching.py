@@ -33,7 +33,8 @@ MIN_REPEATS, MAX_REPEATS = 3, 8  # ... in this many passes (the median one count
 SLOW_FORWARD_S = 0.5  # no larger candidate once a single forward pass takes this long
 CONTENDERS = 3  # the best candidates of the growth phase ...
 EXTRA_ROUNDS = 4  # ... are timed again in this many round-robin rounds
-TIME_BUDGET_S = 3.0  # no new timing after this much timing (compilation not counted)
+TIME_BUDGET_S = 10.0  # no larger candidate after this much timing (compilation not counted)
+RETIME_BUDGET_S = 3.0  # no re-timing of the contenders after this much timing in all
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
 
@@ -187,9 +188,10 @@ def tune_batch_size(
     Growth stops after ``PATIENCE`` candidates in a row (``GPU_PATIENCE`` on a GPU) that are
     not ``GAIN`` times faster than the best so far, once one forward pass takes
     ``SLOW_FORWARD_S``, after ``TIME_BUDGET_S``, when the next candidate would exceed the CPU
-    memory budget, or at the first CUDA out-of-memory error. Then the ``CONTENDERS`` best are
-    timed again in ``EXTRA_ROUNDS`` round-robin rounds (within the time budget) and the one
-    with the best median over its timings wins, so that a burst of load from other processes,
+    memory budget, or at the first CUDA out-of-memory error (a slow model's sizes up to
+    ``SLOW_FORWARD_S`` thus all get timed). Then the ``CONTENDERS`` best are timed again in
+    ``EXTRA_ROUNDS`` round-robin rounds (until ``RETIME_BUDGET_S`` of timing in all) and the
+    one with the best median over its timings wins, so that a burst of load from other processes,
     a drifting VM or one lucky timing is less likely to decide.
     """
     rates: dict[int, float] = {}  # batch size -> samples per second
@@ -215,7 +217,7 @@ def tune_batch_size(
     rounds = {size: [rates[size]] for size in contenders}  # samples per second, per timing
     for _ in range(EXTRA_ROUNDS):
         for size in contenders:
-            if spent >= TIME_BUDGET_S:
+            if spent >= RETIME_BUDGET_S:
                 break
             seconds, charged = _time_forward(
                 forward, size, sample_shape, dtype, device, warm_up=False

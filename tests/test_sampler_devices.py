@@ -54,6 +54,7 @@ def cnn(device, channels=3):
 def quick_tuning(monkeypatch):
     monkeypatch.setattr(batching, "MIN_TIME_S", 0.0)
     monkeypatch.setattr(batching, "TIME_BUDGET_S", 0.5)
+    monkeypatch.setattr(batching, "RETIME_BUDGET_S", 0.5)
     batching.clear_batch_size_cache()
     yield
     batching.clear_batch_size_cache()
