@@ -35,6 +35,9 @@ CONTENDERS = 3  # the best candidates of the growth phase ...
 EXTRA_ROUNDS = 4  # ... are timed again in this many round-robin rounds
 TIME_BUDGET_S = 10.0  # no larger candidate after this much timing (compilation not counted)
 RETIME_BUDGET_S = 3.0  # no re-timing of the contenders after this much timing in all
+#: When the sampler tunes for a call of known size, both budgets shrink to this share of the
+#: call's sampling time at the best rate seen so far, but not below ``MIN_BUDGET_S``.
+JOB_SHARE, MIN_BUDGET_S = 0.5, 1.0
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
 
@@ -160,9 +163,12 @@ def auto_batch_size(
     sample_shape: tuple,
     dtype: torch.dtype,
     device: torch.device,
+    samples: int | None = None,
 ) -> int:
     """The cached or freshly tuned batch size for ``model`` on inputs ``(*, *sample_shape)``.
 
+    ``samples``: the size of the call that asks (noisy samples), if known: a small first call
+    is not made to wait for a long tuning (``JOB_SHARE``); the answer is cached all the same.
     Must be called with the model in ``eval()`` and under ``torch.inference_mode()`` (as the
     sampler does), so that tuning leaves the model's state untouched.
     """
@@ -171,7 +177,9 @@ def auto_batch_size(
     sizes = _CACHE.setdefault(model, {})
     if key not in sizes:
         candidates = GPU_CANDIDATES if device.type == "cuda" else CPU_CANDIDATES
-        sizes[key] = tune_batch_size(forward, model, sample_shape, dtype, device, candidates)
+        sizes[key] = tune_batch_size(
+            forward, model, sample_shape, dtype, device, candidates, samples
+        )
     return sizes[key]
 
 
@@ -182,6 +190,7 @@ def tune_batch_size(
     dtype: torch.dtype,
     device: torch.device,
     candidates: tuple[int, ...],
+    samples: int | None = None,
 ) -> int:
     """Time ``forward`` on growing batch sizes and return the one with the best throughput.
 
@@ -191,8 +200,9 @@ def tune_batch_size(
     memory budget, or at the first CUDA out-of-memory error (a slow model's sizes up to
     ``SLOW_FORWARD_S`` thus all get timed). Then the ``CONTENDERS`` best are timed again in
     ``EXTRA_ROUNDS`` round-robin rounds (until ``RETIME_BUDGET_S`` of timing in all) and the
-    one with the best median over its timings wins, so that a burst of load from other processes,
-    a drifting VM or one lucky timing is less likely to decide.
+    one with the best median over its timings wins (with ``samples``, both budgets shrink to
+    ``JOB_SHARE`` of the call's time, at least ``MIN_BUDGET_S``), so that a burst of load from
+    other processes, a drifting VM or one lucky timing is less likely to decide.
     """
     rates: dict[int, float] = {}  # batch size -> samples per second
     misses, spent = 0, 0.0
@@ -209,15 +219,17 @@ def tune_batch_size(
         best = max(rates.values(), default=0.0)
         rates[size], spent = size / seconds, spent + charged
         misses = 0 if rates[size] > best * GAIN else misses + 1
-        if misses >= patience or seconds >= SLOW_FORWARD_S or spent >= TIME_BUDGET_S:
+        budget = _budget(TIME_BUDGET_S, samples, max(rates.values()))
+        if misses >= patience or seconds >= SLOW_FORWARD_S or spent >= budget:
             break
     # A busy machine, or a VM whose speed drifts, can spoil a timing: time the best again,
     # round-robin, so that each is timed at several moments.
     contenders = sorted(rates, key=rates.get)[-CONTENDERS:] if len(rates) > 1 else []
     rounds = {size: [rates[size]] for size in contenders}  # samples per second, per timing
+    budget = _budget(RETIME_BUDGET_S, samples, max(rates.values(), default=0.0))
     for _ in range(EXTRA_ROUNDS):
         for size in contenders:
-            if spent >= RETIME_BUDGET_S:
+            if spent >= budget:
                 break
             seconds, charged = _time_forward(
                 forward, size, sample_shape, dtype, device, warm_up=False
@@ -229,6 +241,13 @@ def tune_batch_size(
     if contenders:  # the median timing: one lucky timing (seen: +40 %) must not decide
         return max(contenders, key=lambda size: statistics.median(rounds[size]))
     return max(rates, key=rates.get) if rates else candidates[0]
+
+
+def _budget(limit: float, samples: int | None, rate: float) -> float:
+    """``limit``, or less for a call of ``samples`` samples (``JOB_SHARE``, ``MIN_BUDGET_S``)."""
+    if samples is None or rate <= 0:
+        return limit
+    return min(limit, max(MIN_BUDGET_S, JOB_SHARE * samples / rate))
 
 
 def _time_forward(

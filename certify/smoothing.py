@@ -175,7 +175,12 @@ class SmoothedClassifier:
         try:
             if batch_size is None:
                 batch_size = auto_batch_size(
-                    self.model, self._forward, tuple(x.shape[1:]), noise_dtype, x.device
+                    self.model,
+                    self._forward,
+                    tuple(x.shape[1:]),
+                    noise_dtype,
+                    x.device,
+                    samples=x.shape[0] * int(n),
                 )
             chunk = noise_chunk(x.device, x.shape[1:])
             return self._sample(x, int(n), batch_size, seed, ids, chunk)

@@ -230,6 +230,25 @@ def test_tuner_looks_one_size_further_on_a_gpu(monkeypatch):
     assert tune(torch.device("cuda"), tuple(seconds)) == 128  # three on a GPU
 
 
+def test_a_small_first_call_gets_a_short_tuning(monkeypatch):
+    timed = []
+
+    def fake(forward, size, *args, **kwargs):  # ever faster, 0.25 s of timing per size
+        timed.append(size)
+        return size / (1000.0 * size**0.5), 0.25
+
+    monkeypatch.setattr(batching, "_time_forward", fake)
+    forward = batching.LabelForward(small_cnn(), 5)
+    sizes = tuple(2**i for i in range(4, 14))
+    tune = partial(batching.tune_batch_size, forward, forward.model, (1, 8, 8), torch.float32)
+    assert tune(torch.device("cpu"), sizes) == sizes[-1]  # 10 s: every size, then re-timing
+    assert len(timed) > len(sizes)
+    timed.clear()
+    # 200 samples take well under a second: tuning stops at MIN_BUDGET_S (1 s, 4 sizes).
+    assert tune(torch.device("cpu"), sizes, samples=200) == 128
+    assert timed == [16, 32, 64, 128]
+
+
 def test_tuner_stops_at_out_of_memory_and_at_the_memory_budget(monkeypatch):
     def fake(forward, size, *args, **kwargs):
         if size >= 256:
