@@ -32,6 +32,17 @@ def reference_radii_top3(reference_dir):
     return np.loadtxt(reference_dir / "radii_top3_alpha0.001.txt", skiprows=1)[:, 1]
 
 
+@pytest.fixture
+def tuning(monkeypatch):
+    """``tuning(NAME=value, ...)`` overrides ``certify.batching``'s tuning constants for the test;
+    the batch-size cache is empty before and after it."""
+    from certify import batching
+
+    batching.clear_batch_size_cache()
+    yield lambda **settings: [monkeypatch.setattr(batching, k, v) for k, v in settings.items()]
+    batching.clear_batch_size_cache()
+
+
 # ----------------------------------------------------------------- training (issue 3)
 CONFIGS = REPO / "configs"
 CIFAR10_CLASSES = [

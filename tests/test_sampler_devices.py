@@ -9,7 +9,7 @@ import torch
 from scipy.stats import norm
 from torch import nn
 
-from certify import SmoothedClassifier, batching
+from certify import SmoothedClassifier
 from certify.noise import noise_chunk
 
 DEVICES = [
@@ -51,13 +51,8 @@ def cnn(device, channels=3):
 
 
 @pytest.fixture(autouse=True)
-def quick_tuning(monkeypatch):
-    monkeypatch.setattr(batching, "MIN_TIME_S", 0.0)
-    monkeypatch.setattr(batching, "TIME_BUDGET_S", 0.5)
-    monkeypatch.setattr(batching, "RETIME_BUDGET_S", 0.5)
-    batching.clear_batch_size_cache()
-    yield
-    batching.clear_batch_size_cache()
+def quick_tuning(tuning):
+    tuning(MIN_TIME_S=0.0, TIME_BUDGET_S=0.5, RETIME_BUDGET_S=0.5)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -38,15 +38,9 @@ class Recorder(nn.Module):
 
 
 @pytest.fixture(autouse=True)
-def fast_tuning(monkeypatch):
+def fast_tuning(tuning):
     """Few, quick candidates and an empty cache in every test."""
-    monkeypatch.setattr(batching, "CPU_CANDIDATES", (16, 32, 64, 128))
-    monkeypatch.setattr(batching, "MIN_TIME_S", 0.0)
-    monkeypatch.setattr(batching, "WARM_UP", 1)
-    monkeypatch.setattr(batching, "MIN_REPEATS", 1)
-    batching.clear_batch_size_cache()
-    yield
-    batching.clear_batch_size_cache()
+    tuning(CPU_CANDIDATES=(16, 32, 64, 128), MIN_TIME_S=0.0, WARM_UP=1, MIN_REPEATS=1)
 
 
 @pytest.fixture
