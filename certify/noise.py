@@ -37,7 +37,12 @@ def stream_seed(seed: int, example_id: int) -> int:
 
 def chunk_seed(seed: int, example_id: int, chunk: int) -> int:
     """Seed of one chunk of one input's noise stream (a 63-bit integer)."""
-    return mix64(stream_seed(seed, example_id) ^ chunk) >> 1
+    return seed_of_chunk(stream_seed(seed, example_id), chunk)
+
+
+def seed_of_chunk(stream: int, chunk: int) -> int:
+    """``chunk_seed`` from the input's ``stream_seed`` (computed once per input)."""
+    return mix64(stream ^ chunk) >> 1
 
 
 def noise_chunk(device: torch.device | str, sample_shape: Sequence[int]) -> int:

@@ -17,7 +17,7 @@ from torch import nn
 from certify.batching import LabelForward, auto_batch_size
 from certify.bounds import simuem_bounds
 from certify.cpu_memory import keep_freed_memory
-from certify.noise import add_inputs, mix64, noise_chunk, stream_seed
+from certify.noise import add_inputs, noise_chunk, seed_of_chunk, stream_seed
 from certify.packing import capacity, plan
 from certify.radius import certified_radius
 from certify.validation import (
@@ -221,7 +221,7 @@ class SmoothedClassifier:
                     else:  # elsewhere in the buffer: what is pending first
                         add_inputs(noisy, owner, x, offsets, runs)
                         runs = [[b, row, row + length]]
-                    generator.manual_seed(mix64(streams[b] ^ j) >> 1)
+                    generator.manual_seed(seed_of_chunk(streams[b], j))
                     flat[row : row + length].normal_(0.0, self.sigma, generator=generator)
                     continue
                 add_inputs(noisy, owner, x, offsets, runs)
