@@ -68,6 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cuda-graphs", action="store_true")
     parser.add_argument("--cudnn-benchmark", action="store_true")
     parser.add_argument(
+        "--freezing",
+        action="store_true",
+        help="with --compile: inductor freezing (weights become constants, BN folded into convs)",
+    )
+    parser.add_argument(
         "--idle-wait", type=float, default=30.0, help="CPU: wait up to S s for idle CPUs"
     )
     parser.add_argument(
@@ -284,6 +289,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    if args.freezing:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
     info = machine(device)
     print(" | ".join(f"{k}: {v}" for k, v in info.items()))
     print("options:", {k: str(v) for k, v in options(args).items()})
