@@ -295,10 +295,12 @@ def main(argv=None) -> None:
         inductor_config.freezing = True
     info = machine(device)
     print(" | ".join(f"{k}: {v}" for k, v in info.items()))
-    print("options:", {k: str(v) for k, v in options(args).items()})
     path = args.json or Path(__file__).parent / "results" / f"sampler_{device.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    result = {"machine": info, "options": {k: str(v) for k, v in options(args).items()}}
+    settings = {k: str(v) for k, v in options(args).items()}
+    settings.update(cudnn_benchmark=str(args.cudnn_benchmark), freezing=str(args.freezing))
+    result = {"machine": info, "options": settings}
+    print("options:", settings)
     result.update(rows=[], certified_radius_s={}, notes=[])
     for name in args.models:
         if MODELS[name].gpu_only and device.type != "cuda":
