@@ -145,8 +145,9 @@ class TopkLightningCLI(LightningCLI):
             c = self.config.certify
             try:
                 check_certify_settings(
-                    c.n, c.alpha, c.bounds, c.split, c.skip, c.max_examples, c.batch_size, c.sigma
-                )
+                    c.n, c.alpha, c.bounds, c.split, c.skip, c.max_examples, c.batch_size, c.sigma,
+                    c.autocast,
+                )  # fmt: skip
             except CertifySettingsError as err:
                 raise StartupError(str(err)) from None
         ckpt_path = self.config.get(f"{subcommand}.ckpt_path")

@@ -1,5 +1,6 @@
 """`topk-smoothing certify`: files, consistency with `radius`, 2 processes, resume, refusal."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -94,9 +95,37 @@ def test_resume_completes_an_interrupted_run(single_run, digits_checkpoint):
     assert len((partial / "parts" / "rank0.tsv").read_text().splitlines()) == EXAMPLES
 
 
+@pytest.mark.slow
+def test_reduced_precision_and_compile(single_run, digits_checkpoint):
+    """`--autocast bf16 --compile true`: recorded with the run, another base classifier's
+    counts (bf16 rounding moves some noisy samples across a decision boundary), the same
+    consistency between counts, table and radii."""
+    cwd = single_run.parent
+    result = certify(cwd, digits_checkpoint, "bf16", "--autocast", "bf16", "--compile", "true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metadata = json.loads((cwd / "bf16" / "certify.json").read_text())
+    assert (metadata["autocast"], metadata["compile"]) == ("bf16", True)
+    counts, labels = read_counts(cwd / "bf16" / "counts.txt")
+    reference, _ = read_counts(single_run / "counts.txt")
+    assert (counts.sum(axis=1) == N).all()
+    assert not np.array_equal(counts, reference)
+    assert np.abs(counts - reference).sum() < 0.05 * reference.sum()  # the same classifier
+    rows = table(cwd / "bf16" / "certify.tsv")[1:]
+    radii = certified_radius(counts, labels, (1, 3), sigma=0.25, alpha=0.01).numpy()
+    written = np.array([[float(v) for v in r[5:7]] for r in rows])
+    np.testing.assert_allclose(written, radii, rtol=1e-9, equal_nan=True)
+
+
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("--n", "301"), ("--seed", "8"), ("--skip", "2"), ("--channels_last", "true")],
+    [
+        ("--n", "301"),
+        ("--seed", "8"),
+        ("--skip", "2"),
+        ("--channels_last", "true"),
+        ("--autocast", "bf16"),
+        ("--compile", "true"),
+    ],
 )
 def test_other_settings_are_refused(single_run, digits_checkpoint, option, value):
     before = (single_run / "certify.tsv").read_bytes()

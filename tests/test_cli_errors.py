@@ -127,6 +127,8 @@ def test_cohen_checkpoint_is_for_certify_only(isolated_run, capsys, checkpoints,
         (["--sigma", "-0.25"], "sigma must be a finite number > 0, got -0.25"),
         (["--sigma", "nan"], 'Parser key "sigma"'),
         (["--seed", "x"], 'Parser key "seed"'),
+        (["--autocast", "fp8"], "autocast must be 'bf16' or 'fp16', got 'fp8'"),
+        (["--compile", "maybe"], 'Parser key "compile"'),
     ],
 )
 def test_impossible_certify_settings(isolated_run, capsys, checkpoints, args, message):
