@@ -21,7 +21,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from certify.metric import CertifiedTopKAccuracy
 from certify.smoothing import SmoothedClassifier
-from certify.validation import check_alpha, check_bounds, check_sigma
+from certify.validation import check_alpha, check_autocast, check_bounds, check_sigma
 
 DEFAULT_TOP_K = (1, 3, 5)
 
@@ -45,6 +45,8 @@ class CertificationCallback(pl.Callback):
         examples_per_call: examples handed to the sampler at once.
         channels_last: the sampler's ``channels_last`` option (faster for 3-channel conv
             nets on CPUs; another noise layout, so other counts than the default).
+        autocast: ``"bf16"`` or ``"fp16"``: the sampler's forward passes in that precision
+            (about 2x faster for ResNets on recent GPUs; other counts than float32).
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class CertificationCallback(pl.Callback):
         seed: int = 0,
         examples_per_call: int = 64,
         channels_last: bool = False,
+        autocast: str | None = None,
     ) -> None:
         super().__init__()
         for name, value, low in (("n", n, 1), ("every_n_epochs", every_n_epochs, 1)):
@@ -79,6 +82,7 @@ class CertificationCallback(pl.Callback):
         self.sigma = None if sigma is None else check_sigma(sigma)
         self.seed, self.examples_per_call = seed, examples_per_call
         self.channels_last = bool(channels_last)
+        self.autocast, self._autocast_dtype = autocast, check_autocast(autocast)
         self.indices: np.ndarray | None = None
         self.dataset = None
         self.last_seconds: float | None = None
@@ -185,7 +189,11 @@ class CertificationCallback(pl.Callback):
         """Certify this process's share of the examples into a fresh metric."""
         sigma = self.sigma if self.sigma is not None else float(pl_module.sigma)
         smoothed = SmoothedClassifier(
-            pl_module.net, pl_module.num_classes, sigma, channels_last=self.channels_last
+            pl_module.net,
+            pl_module.num_classes,
+            sigma,
+            autocast_dtype=self._autocast_dtype,
+            channels_last=self.channels_last,
         )
         metric = CertifiedTopKAccuracy(self.top_k, self.radii).to(pl_module.device)
         share = self.indices[trainer.global_rank :: trainer.world_size]

@@ -21,10 +21,7 @@ from certify.outputs import RESULTS, CertifyOutput
 from certify.radius import certified_radius
 from certify.report import write_report
 from certify.smoothing import DEFAULT_BATCH_SIZE, SmoothedClassifier
-from certify.validation import check_alpha, check_bounds, check_sigma
-
-#: ``certify --autocast`` values: the forward pass's reduced precision (None: the model's own).
-AUTOCAST_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from certify.validation import check_alpha, check_autocast, check_bounds, check_sigma
 
 
 def file_sha256(path: str | Path) -> str:
@@ -65,7 +62,7 @@ class CertifyTask(pl.LightningModule):
         selected: dataset indices to certify.
         output: the output directory (already prepared).
         options: ``n``, ``alpha``, ``top_k``, ``bounds``, ``sigma``, ``seed``, ``batch_size``,
-            ``channels_last``, ``autocast`` (``AUTOCAST_DTYPES`` key), ``compile``.
+            ``channels_last``, ``autocast`` (``"bf16"``, ``"fp16"`` or None), ``compile``.
     """
 
     def __init__(self, net, num_classes, dataset, selected, output: CertifyOutput, options):
@@ -98,7 +95,7 @@ class CertifyTask(pl.LightningModule):
                 self.net,
                 self.num_classes,
                 opts["sigma"],
-                autocast_dtype=AUTOCAST_DTYPES[opts["autocast"]],
+                autocast_dtype=check_autocast(opts["autocast"]),
                 channels_last=opts["channels_last"],
                 compile=opts["compile"],
             )
@@ -183,8 +180,6 @@ def check_settings(
     n, alpha, bounds, split, skip, max_examples, batch_size, sigma, autocast=None
 ) -> None:
     """Reject impossible ``certify`` settings before anything is built."""
-    if autocast not in AUTOCAST_DTYPES:
-        raise CertifySettingsError(f"autocast must be 'bf16' or 'fp16', got {autocast!r}")
     _check_int("n", n, 1)
     _check_int("skip", skip, 1)
     _check_int("max_examples", max_examples, 1, optional=True)
@@ -194,6 +189,7 @@ def check_settings(
     try:
         check_alpha(alpha)
         check_bounds(bounds)
+        check_autocast(autocast)
         if sigma is not None:
             check_sigma(sigma)
     except ValueError as err:

@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 
 def to_numpy(x) -> np.ndarray:
@@ -13,6 +14,17 @@ def to_numpy(x) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+#: Reduced precisions of the sampler's forward pass by name (``None``: the model's own).
+AUTOCAST_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_autocast(autocast: str | None) -> torch.dtype | None:
+    """The dtype named by ``autocast`` (``"bf16"``, ``"fp16"`` or ``None``)."""
+    if not isinstance(autocast, (str, type(None))) or autocast not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast must be 'bf16' or 'fp16', got {autocast!r}")
+    return AUTOCAST_DTYPES[autocast]
 
 
 def check_alpha(alpha: float, name: str = "alpha") -> float:

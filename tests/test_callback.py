@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+import torch
 import wandb
 import yaml
 
@@ -152,7 +153,12 @@ class TestFailsEarly:
 
     @pytest.mark.parametrize(
         ("kwargs", "match"),
-        [({"n": 0}, "n must be"), ({"alpha": 0}, "alpha"), ({"every_n_epochs": 0}, "every_n")],
+        [
+            ({"n": 0}, "n must be"),
+            ({"alpha": 0}, "alpha"),
+            ({"every_n_epochs": 0}, "every_n"),
+            ({"autocast": "fp8"}, "autocast must be 'bf16' or 'fp16', got 'fp8'"),
+        ],
     )
     def test_impossible_settings(self, kwargs, match):
         with pytest.raises(ValueError, match=match):
@@ -164,3 +170,24 @@ class TestFailsEarly:
         model = NoisyClassifier("digits_cnn", 10, data.mean, data.std, sigma=0.25)
         self.trainer(callback).validate(model, data)
         assert callback.top_k == (1, 3, 5) and len(callback.indices) == 3
+
+
+def test_autocast_reaches_the_samplers_forward_passes_only():
+    """``autocast="bf16"``: certification runs the network under bf16 autocast, the
+    validation pass itself does not."""
+    data = DigitsDataModule(batch_size=64)
+    model = NoisyClassifier("digits_cnn", data.num_classes, data.mean, data.std, sigma=0.25)
+    seen = set()
+
+    def record(module, inputs):
+        enabled = torch.is_autocast_enabled("cpu")
+        seen.add((enabled, torch.get_autocast_dtype("cpu") if enabled else None))
+
+    model.net.register_forward_pre_hook(record)
+    callback = CertificationCallback(n=50, num_examples=3, batch_size=64, autocast="bf16")
+    trainer = pl.Trainer(
+        callbacks=[callback], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, accelerator="cpu", devices=1,
+    )  # fmt: skip
+    trainer.validate(model, data)
+    assert seen == {(False, None), (True, torch.bfloat16)}
