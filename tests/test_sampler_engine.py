@@ -194,8 +194,11 @@ def test_counts_are_batch_size_invariant_whatever_the_chunk(chunk):
         torch.testing.assert_close(public, reference, rtol=0, atol=0)
 
 
-def test_tuner_stops_when_throughput_stops_improving(monkeypatch):
-    seconds = {16: 1.0, 32: 1.0, 64: 1.2, 128: 2.6, 256: 5.0, 512: 10.0}  # best: 64
+def fake_timings(monkeypatch, seconds: dict[int, float]):
+    """``tune_batch_size`` over ``seconds``' sizes on a fake clock (size -> ms per pass).
+
+    Returns ``(tune(device) -> chosen size, the sizes timed so far)``.
+    """
     timed = []
 
     def fake(forward, size, *args, **kwargs):
@@ -204,10 +207,19 @@ def test_tuner_stops_when_throughput_stops_improving(monkeypatch):
 
     monkeypatch.setattr(batching, "_time_forward", fake)
     forward = batching.LabelForward(small_cnn(), 5)
-    size = batching.tune_batch_size(
-        forward, forward.model, (1, 8, 8), torch.float32, torch.device("cpu"), tuple(seconds)
-    )
-    assert size == 64
+
+    def tune(device: str) -> int:
+        return batching.tune_batch_size(
+            forward, forward.model, (1, 8, 8), torch.float32, torch.device(device), tuple(seconds)
+        )
+
+    return tune, timed
+
+
+def test_tuner_stops_when_throughput_stops_improving(monkeypatch):
+    seconds = {16: 1.0, 32: 1.0, 64: 1.2, 128: 2.6, 256: 5.0, 512: 10.0}  # best: 64
+    tune, timed = fake_timings(monkeypatch, seconds)
+    assert tune("cpu") == 64
     assert 512 not in timed  # two candidates without improvement end the search
 
 
@@ -216,18 +228,10 @@ def test_tuner_grows_through_flat_sizes_on_a_gpu(monkeypatch):
     # 65,536 than at any size from 4,096 to 32,768); 4096 takes SLOW_FORWARD_S per pass.
     seconds = {16: 1.0, 32: 2.0, 64: 4.0, 128: 8.0, 256: 16.0, 512: 32.0, 1024: 32.0}
     seconds |= {2048: 400.0, 4096: 1000 * batching.SLOW_FORWARD_S, 8192: 4000.0}
-    timed = []
-
-    def fake(forward, size, *args, **kwargs):
-        timed.append(size)
-        return seconds[size] / 1000, 0.0
-
-    monkeypatch.setattr(batching, "_time_forward", fake)
-    forward = batching.LabelForward(small_cnn(), 5)
-    tune = partial(batching.tune_batch_size, forward, forward.model, (1, 8, 8), torch.float32)
-    assert tune(torch.device("cpu"), tuple(seconds)) == 16  # two misses end the search
+    tune, timed = fake_timings(monkeypatch, seconds)
+    assert tune("cpu") == 16  # two misses end the search
     timed.clear()
-    assert tune(torch.device("cuda"), tuple(seconds)) == 1024
+    assert tune("cuda") == 1024
     assert 4096 in timed and 8192 not in timed  # a pass of SLOW_FORWARD_S ends it
 
 
