@@ -82,7 +82,8 @@ class CertificationCallback(pl.Callback):
         self.sigma = None if sigma is None else check_sigma(sigma)
         self.seed, self.examples_per_call = seed, examples_per_call
         self.channels_last = bool(channels_last)
-        self.autocast, self._autocast_dtype = autocast, check_autocast(autocast)
+        check_autocast(autocast)
+        self.autocast = autocast
         self.indices: np.ndarray | None = None
         self.dataset = None
         self.last_seconds: float | None = None
@@ -192,7 +193,7 @@ class CertificationCallback(pl.Callback):
             pl_module.net,
             pl_module.num_classes,
             sigma,
-            autocast_dtype=self._autocast_dtype,
+            autocast_dtype=check_autocast(self.autocast),
             channels_last=self.channels_last,
         )
         metric = CertifiedTopKAccuracy(self.top_k, self.radii).to(pl_module.device)
