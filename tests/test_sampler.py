@@ -7,6 +7,7 @@ from scipy.stats import norm
 from torch import nn
 
 from certify import SmoothedClassifier, certified_radius, top_k_set
+from certify.noise import NOISE_CHUNK, chunk_seed
 
 
 class Constant(nn.Module):
@@ -81,6 +82,26 @@ def test_counts_do_not_depend_on_batch_size_or_batch_mates():
     torch.testing.assert_close(alone, reference[subset], rtol=0, atol=0)
     other = smoothed.sample_counts(x[[2]], n=300, seed=43, example_ids=[ids[2]])
     assert not torch.equal(other, reference[[2]])  # the seed matters
+
+
+def test_counts_are_those_of_the_documented_noise_streams():
+    """Chunk j of input ``id`` is torch's ``normal_`` from a generator seeded by
+    ``chunk_seed(seed, id, j)``: a loop that draws each chunk on its own gets the same counts."""
+    model = small_cnn()
+    smoothed = SmoothedClassifier(model, num_classes=5, sigma=0.5)
+    x, ids, n, seed = torch.rand(3, 1, 8, 8), [4, 9, 1], 300, 11
+    expected = torch.zeros(3, 5, dtype=torch.int64)
+    generator = torch.Generator()
+    for b, example_id in enumerate(ids):
+        for j, start in enumerate(range(0, n, NOISE_CHUNK)):
+            generator.manual_seed(chunk_seed(seed, example_id, j))
+            length = min(NOISE_CHUNK, n - start)
+            noise = torch.empty(length, 1, 8, 8).normal_(0.0, 0.5, generator=generator)
+            with torch.inference_mode():
+                expected[b] += torch.bincount(model(noise + x[b]).argmax(1), minlength=5)
+    for batch_size in (50, 1000):
+        counts = smoothed.sample_counts(x, n, batch_size=batch_size, seed=seed, example_ids=ids)
+        torch.testing.assert_close(counts, expected, rtol=0, atol=0)
 
 
 def test_unseeded_sampling_follows_torch_manual_seed():
