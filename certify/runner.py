@@ -21,7 +21,13 @@ from certify.outputs import RESULTS, CertifyOutput
 from certify.radius import certified_radius
 from certify.report import write_report
 from certify.smoothing import DEFAULT_BATCH_SIZE, SmoothedClassifier
-from certify.validation import check_alpha, check_autocast, check_bounds, check_sigma
+from certify.validation import (
+    check_alpha,
+    check_autocast,
+    check_bounds,
+    check_compile,
+    check_sigma,
+)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -269,6 +275,11 @@ class CertifyingTrainer(pl.Trainer):
         if dataset is None or len(dataset) == 0:
             raise CertifySettingsError(f"the datamodule has no {split} examples")
         selected = select_examples(len(dataset), skip, max_examples)
+        if compile:  # a missing compiler is reported now, before the output directory exists
+            try:
+                check_compile(self.strategy.root_device)
+            except ValueError as err:
+                raise CertifySettingsError(str(err)) from None
         metadata = {
             "n": n, "alpha": alpha, "sigma": sigma, "bounds": bounds, "top_k": list(top_k),
             "split": split, "skip": skip, "max_examples": max_examples, "seed": seed,

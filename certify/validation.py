@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -25,6 +26,36 @@ def check_autocast(autocast: str | None) -> torch.dtype | None:
     if not isinstance(autocast, (str, type(None))) or autocast not in AUTOCAST_DTYPES:
         raise ValueError(f"autocast must be 'bf16' or 'fp16', got {autocast!r}")
     return AUTOCAST_DTYPES[autocast]
+
+
+def check_compile(device: torch.device | str) -> None:
+    """Raise ``ValueError`` (one line) if ``torch.compile`` cannot build code for ``device``.
+
+    Compiles a tiny function with inductor's caches off, so that a missing C++ compiler (CPU)
+    or Triton (GPU) shows up before a run writes anything, not at its first batch.
+    """
+    import torch._inductor.config as inductor_config
+
+    device = torch.device(device)
+
+    def probe(t: torch.Tensor) -> torch.Tensor:
+        return t * 2 + 1
+
+    # Without caches inductor builds in a temporary directory; on failure it logs a warning
+    # that names the directory it keeps. Our one-line error says what matters.
+    quiet = logging.getLogger("torch._inductor.utils")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with inductor_config.patch(force_disable_caches=True):
+            torch.compile(probe, dynamic=False)(torch.ones(8, device=device))
+    except Exception as err:  # BackendCompilerFailed, InvalidCxxCompiler, missing Triton...
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = lines[0] if lines else type(err).__name__
+        message = f"compile is on but torch.compile fails on {device.type}: {reason}"
+        raise ValueError(message) from None
+    finally:
+        quiet.setLevel(level)
 
 
 def check_alpha(alpha: float, name: str = "alpha") -> float:

@@ -139,6 +139,21 @@ def test_impossible_certify_settings(isolated_run, capsys, checkpoints, args, me
     assert not Path("out").exists()
 
 
+def test_compile_without_a_compiler_fails_before_writing(
+    isolated_run, capsys, checkpoints, monkeypatch
+):
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()  # nothing compiled earlier in this process is reused
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/nonexistent/g++"))
+    ckpt = str(checkpoints["cohen_digits"])
+    argv = ["certify", "--config", DIGITS, "--ckpt_path", ckpt, *QUIET, *CERTIFY]
+    assert main([*argv, "--compile", "true"]) == 2
+    message = "compile is on but torch.compile fails on cpu: InvalidCxxCompiler"
+    assert_only_line(capsys.readouterr().err, "certify", message, "/nonexistent/g++")
+    assert not Path("out").exists()
+
+
 @pytest.mark.parametrize("command", ["validate", "test", "certify"])
 def test_unknown_model_and_missing_data_directory(isolated_run, capsys, command):
     unknown = [command, "--config", DIGITS, "--model.arch", "resnet5", *QUIET]
