@@ -9,9 +9,9 @@ definitions.
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import betaincinv
+from scipy.special import betainccinv, betaincinv
 
-from certify.validation import check_alpha, check_counts
+from certify.validation import check_alpha, check_counts, check_labels
 
 BOUNDS = ("simuem", "binocp")
 
@@ -42,11 +42,12 @@ def _lower(k: np.ndarray, n: np.ndarray, level: float) -> np.ndarray:
 
 
 def _upper(k: np.ndarray, n: np.ndarray, level: float) -> np.ndarray:
-    # upper(k) = 1 - lower(n - k) by the symmetry of the Beta distribution; written this way
-    # the tiny level never passes through 1 - level, which would round away its digits.
+    # The complementary inverse takes the upper tail's level as it is: neither 1 - level
+    # (which would round away a tiny level's digits) nor 1 - lower(n - k) (which loses the
+    # digits of a small bound, e.g. 1 - a^(1/n) for k = 0 and large n) is ever formed.
     out = np.ones(k.shape, dtype=np.float64)
     below = k < n
-    out[below] = 1.0 - betaincinv(n[below] - k[below], k[below] + 1, level)
+    out[below] = betainccinv(k[below] + 1, n[below] - k[below], level)
     return out
 
 
@@ -140,7 +141,7 @@ def binocp_bounds(counts, labels, alpha: float) -> tuple[np.ndarray, np.ndarray]
     """
     counts = check_counts(counts)
     check_alpha(alpha)
-    labels = np.asarray(labels, dtype=np.int64)
+    labels = check_labels(labels, counts.shape[0], counts.shape[1])
     n = counts.sum(axis=1)
     rows = np.arange(counts.shape[0])
     p_lower = _unique_apply(lambda k, m: _lower(k, m, alpha), counts[rows, labels], n)

@@ -23,6 +23,7 @@ from certify.radius import certified_radius
 from certify.validation import (
     check_alpha,
     check_bounds,
+    check_counts,
     check_labels,
     check_seed,
     check_sigma,
@@ -306,8 +307,11 @@ class SmoothedClassifier:
 
 def top_k_set(counts: torch.Tensor, k: int, alpha: float) -> torch.Tensor:
     """PREDICT from counts: the top-k labels when simultaneously separated, else -1s."""
+    counts = torch.as_tensor(check_counts(counts))  # (B, c)
+    (k,) = check_top_k(k, counts.shape[1])
+    check_alpha(alpha)
     lower, upper = (torch.from_numpy(b) for b in simuem_bounds(counts, alpha))
-    order = torch.as_tensor(counts).argsort(dim=1, descending=True, stable=True)  # (B, c)
+    order = counts.argsort(dim=1, descending=True, stable=True)  # (B, c)
     inside, outside = order[:, :k], order[:, k:]
     separated = (
         lower.gather(1, inside).min(dim=1).values > upper.gather(1, outside).max(dim=1).values

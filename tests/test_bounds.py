@@ -24,7 +24,22 @@ def test_exact_ends():
     assert (clopper_pearson_upper(n, n, 0.001) == 1.0).all()
     # The other ends have closed forms: lower(n) = a^(1/n), upper(0) = 1 - a^(1/n).
     np.testing.assert_allclose(clopper_pearson_lower(n, n, 0.001), 0.001 ** (1 / n), rtol=1e-12)
-    np.testing.assert_allclose(clopper_pearson_upper(0 * n, n, 0.001), 1 - 0.001 ** (1 / n))
+    # upper(0) to full precision, also where 1 - a^(1/n) would cancel its digits away.
+    n = np.append(n, 3_000_000_000)
+    exact_upper = -np.expm1(np.log(0.001) / n)
+    np.testing.assert_allclose(clopper_pearson_upper(0 * n, n, 0.001), exact_upper, rtol=1e-13)
+
+
+def test_tiny_levels_are_refused_where_beta_quantiles_break_down():
+    # At 1.3e-281 SciPy's inverse returns 0.4318 for a true quantile of 0.4130 (a lower bound
+    # that misses 2.5e16 times too often, a radius 23 % too large): such levels are refused.
+    with pytest.raises(ValueError, match="level must be at least 1e-100 .* got 1.3e-281"):
+        clopper_pearson_lower(875, 910, 1.3e-281)
+    with pytest.raises(ValueError, match="alpha must be at least 1e-100"):
+        simuem_bounds([[875, 35, 0]], 1e-150)
+    # At the smallest accepted level the bound still has Beta probability 1e-100 below it.
+    bound = clopper_pearson_lower(875, 910, 1e-100)
+    np.testing.assert_allclose(beta.cdf(bound, 875, 36), 1e-100, rtol=1e-9)
 
 
 def test_bounds_bracket_the_estimate_and_widen_with_confidence():
@@ -62,6 +77,9 @@ def test_binocp_uses_one_bound_at_alpha():
         (lambda: simuem_bounds([[0, 0]], 0.1), "sum to 0"),
         (lambda: simuem_bounds([1, 2], 0.1), "shape"),
         (lambda: simuem_bounds([[1, 2]], 0.0), "alpha"),
+        (lambda: binocp_bounds([[90, 5, 5]], [-1], 0.001), "label -1 of row 0 is outside 0..2"),
+        (lambda: binocp_bounds([[90, 5, 5]], [0.9], 0.001), "labels must be integers"),
+        (lambda: binocp_bounds([[90, 5, 5]], [0, 1], 0.001), r"labels must have shape \(1,\)"),
     ],
 )
 def test_bad_arguments(call, match):

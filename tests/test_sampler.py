@@ -189,6 +189,10 @@ def test_predict_wrong_set_rate_is_at_most_alpha(k):
         (lambda s: s.certify(torch.rand(2, 1, 8, 8), torch.tensor([0]), 1, 10, 0.1), "shape"),
         (lambda s: s.certify(torch.rand(1, 1, 8, 8), torch.tensor([0]), 5, 10, 0.1), "k must"),
         (lambda s: s.predict(torch.rand(1, 1, 8, 8), 1, 10, alpha=2.0), "alpha"),
+        (lambda s: top_k_set(torch.tensor([[900, 50, 50, 0]]), -1, 0.001), "got k = -1"),
+        (lambda s: top_k_set(torch.tensor([[900, 50, 50, 0]]), 4, 0.001), "got k = 4"),
+        (lambda s: top_k_set(torch.tensor([[900, 50, 50, 0]]), True, 0.001), "got True"),
+        (lambda s: top_k_set(torch.tensor([[9.0, 1.0]]), 1, 0.001), "integers"),
     ],
 )
 def test_bad_input_is_rejected(call, match):
