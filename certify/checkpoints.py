@@ -31,18 +31,26 @@ class CheckpointError(ValueError):
 
 def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         pass  # an older checkpoint with Python objects in it: the user's own file
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {err}") from None
+    except Exception as err:  # noqa: BLE001 - text, truncated or empty files fail in many ways
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {_reason(err)}") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {err}") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {_reason(err)}") from None
+
+
+def _reason(err: Exception) -> str:
+    """``KeyError: 101`` rather than a bare ``101``; the type alone for an empty message."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def network_state(checkpoint: dict, path: str | Path, arch: str | None) -> tuple[dict, str]:

@@ -9,12 +9,15 @@ and rank 0 merges them, sorted by dataset index, into the final files and the re
 from __future__ import annotations
 
 import hashlib
+import signal
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Dataset
 
 from certify.outputs import RESULTS, CertifyOutput
@@ -91,6 +94,19 @@ class CertifyTask(pl.LightningModule):
     def on_predict_start(self) -> None:
         self.trainer.strategy.barrier("certify-open")  # everyone has read the parts
         self._fd = self.output.open_part(self.global_rank)
+
+    def on_predict_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # Lightning's predict loop notes a SIGTERM (e.g. from `timeout` or a scheduler) but
+        # carries on; stop between batches, with the finished examples kept for a rerun.
+        if self.trainer.received_sigterm:
+            if self.global_rank == 0:
+                print(
+                    f"certify: stopped by SIGTERM; the finished examples are kept in "
+                    f"{self.output.directory}, rerun the same command to continue",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            raise SIGTERMException(128 + signal.SIGTERM)
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, labels, indices = batch  # (b, C, H, W), (b,), (b,)

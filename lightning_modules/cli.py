@@ -151,7 +151,10 @@ class TopkLightningCLI(LightningCLI):
             except CertifySettingsError as err:
                 raise StartupError(str(err)) from None
         ckpt_path = self.config.get(f"{subcommand}.ckpt_path")
-        local = ckpt_path and not ckpt_path.startswith(CKPT_KEYWORDS) and "://" not in ckpt_path
+        keyword = ckpt_path in CKPT_KEYWORDS or str(ckpt_path).startswith("registry:")
+        local = ckpt_path and not keyword and "://" not in ckpt_path
+        if local and Path(ckpt_path).is_dir():
+            raise StartupError(f"checkpoint {ckpt_path!r} is a directory, not a checkpoint file")
         if local and not Path(ckpt_path).is_file():
             raise StartupError(f"checkpoint {ckpt_path!r} does not exist")
 

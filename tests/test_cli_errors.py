@@ -57,6 +57,13 @@ def checkpoints(digits_checkpoint, tmp_path_factory) -> dict[str, Path]:
     paths["no_weights"] = folder / "no_weights.ckpt"
     torch.save({"epoch": 3}, paths["no_weights"])
     paths["missing"] = folder / "missing.ckpt"
+    paths["text"] = folder / "hello.ckpt"
+    paths["text"].write_text("hello\n")  # unpickling it fails with a KeyError
+    paths["empty"] = folder / "empty.ckpt"
+    paths["empty"].write_bytes(b"")
+    paths["directory"] = folder / "folder.ckpt"
+    paths["directory"].mkdir()
+    paths["keyword_prefix"] = folder / "best-epoch999.ckpt"  # not Lightning's "best"
     return paths
 
 
@@ -75,6 +82,10 @@ BAD_CHECKPOINTS = {
     "not_a_checkpoint": ("cannot be read",),
     "no_weights": ("holds no state_dict",),
     "missing": ("does not exist",),
+    "text": ("cannot be read: KeyError: 101",),
+    "empty": ("cannot be read: EOFError",),
+    "directory": ("is a directory, not a checkpoint file",),
+    "keyword_prefix": ("does not exist",),
 }
 
 

@@ -237,3 +237,33 @@ def test_read_only_disk_is_refused_in_one_line(digits_checkpoint, isolated_run, 
             err = capsys.readouterr().err
             assert err.splitlines()[-1] == f"topk-smoothing certify: error: {message}", err
             assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_sigterm_stops_between_batches_and_the_rerun_completes(digits_checkpoint, workdir):
+    out, sizes = workdir / "terminated", {"n": 20_000, "examples": 20}
+    victim = start(digits_checkpoint, out, workdir, **sizes)
+    part = out / "parts" / "rank0.tsv"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and victim.poll() is None:
+            if part.is_file() and part.read_bytes().count(b"\n") >= 2:
+                break
+            time.sleep(0.02)
+        assert victim.poll() is None, "the run ended before it could be stopped"
+        os.killpg(victim.pid, signal.SIGTERM)
+        returncode, stderr = finish(victim, timeout=120)
+    finally:
+        if victim.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(victim.pid, signal.SIGKILL)
+    assert returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert "stopped by SIGTERM" in stderr.strip().splitlines()[-1]
+    rows, torn = complete_rows(part)
+    assert 2 <= len(rows) < sizes["examples"] and torn == b""
+    assert_rows_are_whole(rows, n=sizes["n"])
+    assert not (out / "certify.tsv").exists()
+    returncode, stderr = run(digits_checkpoint, out, workdir, **sizes)
+    assert returncode == 0, stderr[-3000:]
+    assert len(table(out / "certify.tsv")) == sizes["examples"] + 1
