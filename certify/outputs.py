@@ -30,6 +30,20 @@ class OutputError(ValueError):
     """The output directory cannot be used for this run (one-line message)."""
 
 
+#: Datamodule arguments that change how data is loaded, not which examples it holds.
+LOADER_ONLY = ("batch_size", "num_workers", "download", "verify_md5")
+
+
+def data_identity(datamodule) -> dict:
+    """The datamodule's class and the arguments that decide its examples (for ``certify.json``):
+    a rerun on another split seed or data directory must not resume this run's rows."""
+    kind = type(datamodule)
+    hparams = dict(getattr(datamodule, "hparams", {}))
+    identity = {"class": f"{kind.__module__}.{kind.__qualname__}"}
+    identity.update({k: v for k, v in sorted(hparams.items()) if k not in LOADER_ONLY})
+    return json.loads(json.dumps(identity, default=str))  # as it reads back from the file
+
+
 def _format_radius(value: float) -> str:
     return "nan" if math.isnan(value) else f"{value:.10g}"
 
@@ -59,14 +73,19 @@ class CertifyOutput:
             self.directory.mkdir(parents=True, exist_ok=True)
             (self.directory / "parts").mkdir(exist_ok=True)
         except OSError as err:
-            raise OutputError(
-                f"cannot create output directory {self.directory}: {err.strerror}"
-            ) from None
+            where = err.filename or self.directory
+            raise OutputError(f"cannot create output directory {where}: {err.strerror}") from None
         if not os.access(self.directory, os.W_OK):
             raise OutputError(f"output directory {self.directory} is not writable")
         path = self.directory / METADATA
         if path.is_file():
-            self.check_metadata(json.loads(path.read_text()))
+            try:
+                existing = json.loads(path.read_text())
+            except (ValueError, OSError) as err:  # JSONDecodeError, UnicodeDecodeError
+                raise OutputError(f"{path} cannot be read ({type(err).__name__})") from None
+            if not isinstance(existing, dict):
+                raise OutputError(f"{path} is not the settings of a certify run")
+            self.check_metadata(existing)
         else:
             try:
                 write_atomic(path, [json.dumps(self.metadata, indent=2, sort_keys=True) + "\n"])
@@ -89,7 +108,18 @@ class CertifyOutput:
     def _complete_lines(self, path: Path) -> list[str]:
         text = path.read_bytes().decode("utf-8", errors="replace")
         lines = text.split("\n")[:-1]  # a last piece without "\n" was cut by a kill
-        return [line for line in lines if len(line.split("\t")) == len(self.header) + 1]
+        rows = [line for line in lines if len(line.split("\t")) == len(self.header) + 1]
+        for number, line in enumerate(rows, 1):
+            fields = line.split("\t")
+            try:
+                for value in fields[:2] + fields[-1].split(" "):  # idx, label, counts
+                    int(value)
+            except ValueError:
+                raise OutputError(
+                    f"{path} has a row this program did not write ({number}: "
+                    f"{line[:40]!r}); remove it or choose another output directory"
+                ) from None
+        return rows
 
     def read_parts(self) -> dict[int, str]:
         """Finished rows by dataset index, from every part file (any number of processes)."""

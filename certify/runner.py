@@ -20,7 +20,7 @@ import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Dataset
 
-from certify.outputs import RESULTS, CertifyOutput
+from certify.outputs import RESULTS, CertifyOutput, data_identity
 from certify.radius import certified_radius
 from certify.report import write_report
 from certify.smoothing import DEFAULT_BATCH_SIZE, SmoothedClassifier
@@ -301,7 +301,8 @@ class CertifyingTrainer(pl.Trainer):
             "split": split, "skip": skip, "max_examples": max_examples, "seed": seed,
             "num_classes": num_classes, "examples": len(selected), "arch": arch,
             "checkpoint_sha256": None if ckpt_path is None else file_sha256(ckpt_path),
-            "channels_last": bool(channels_last),
+            "channels_last": bool(channels_last), "data": data_identity(datamodule),
+            "noise_device": self.strategy.root_device.type,
         }  # fmt: skip
         if autocast is not None or compile:  # absent when off: older runs still resume
             metadata.update(autocast=autocast, compile=bool(compile))

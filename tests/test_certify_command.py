@@ -125,6 +125,7 @@ def test_reduced_precision_and_compile(single_run, digits_checkpoint):
         ("--channels_last", "true"),
         ("--autocast", "bf16"),
         ("--compile", "true"),
+        ("--data.split_seed", "1"),  # other examples under the same indices
     ],
 )
 def test_other_settings_are_refused(single_run, digits_checkpoint, option, value):
@@ -133,6 +134,7 @@ def test_other_settings_are_refused(single_run, digits_checkpoint, option, value
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("topk-smoothing certify: error:") and "refusing to mix" in last
+    assert f"holds a run with {option[2:].split('.')[0]} = " in last
     assert "Traceback" not in result.stderr
     assert (single_run / "certify.tsv").read_bytes() == before
 

@@ -2,12 +2,13 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 
 from certify.countfile import read_counts
-from certify.outputs import CertifyOutput, OutputError
+from certify.outputs import CertifyOutput, OutputError, data_identity
 
 META = {"n": 100, "alpha": 0.001, "sigma": 0.25, "seed": 0}
 
@@ -77,3 +78,36 @@ def test_unwritable_directory(tmp_path):
         tmp_path.chmod(0o500)
         with pytest.raises(OutputError):
             CertifyOutput(tmp_path / "out", META, top_k=(1,)).prepare()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("{garbage", "cannot be read (JSONDecodeError)"), ("[1, 2]", "is not the settings of")],
+)
+def test_a_damaged_settings_file_is_refused_in_one_line(tmp_path, text, message):
+    (tmp_path / "certify.json").write_text(text)
+    with pytest.raises(OutputError, match=re.escape(message)):
+        CertifyOutput(tmp_path, META, top_k=(1,)).prepare()
+
+
+def test_a_foreign_row_in_a_part_file_is_refused(tmp_path):
+    out = CertifyOutput(tmp_path, META, top_k=(1,))
+    out.prepare()
+    write_rows(out, 0, [0, 1])
+    with open(out.part_path(0), "a") as handle:  # as many fields as a row, not one of ours
+        handle.write("\t".join(["x"] * (len(out.header) + 1)) + "\n")
+    with pytest.raises(OutputError, match=r"rank0.tsv has a row this program did not write \(3"):
+        out.read_parts()
+
+
+def test_a_parts_file_in_the_way_is_named(tmp_path):
+    (tmp_path / "parts").write_text("not a directory")
+    with pytest.raises(OutputError, match=f"cannot create output directory {tmp_path}/parts"):
+        CertifyOutput(tmp_path, META, top_k=(1,)).prepare()
+
+
+def test_data_identity_keeps_what_decides_the_examples():
+    from datamodules.digits import DigitsDataModule
+
+    identity = data_identity(DigitsDataModule(batch_size=7, num_workers=0, split_seed=3))
+    assert identity == {"class": "datamodules.digits.DigitsDataModule", "split_seed": 3}
