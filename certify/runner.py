@@ -29,6 +29,7 @@ from certify.validation import (
     check_autocast,
     check_bounds,
     check_compile,
+    check_seed,
     check_sigma,
 )
 
@@ -199,9 +200,17 @@ def _check_int(name: str, value, low: int, optional: bool = False) -> None:
 
 
 def check_settings(
-    n, alpha, bounds, split, skip, max_examples, batch_size, sigma, autocast=None
+    n, alpha, bounds, split, skip, max_examples, batch_size, sigma, autocast=None, **more
 ) -> None:
-    """Reject impossible ``certify`` settings before anything is built."""
+    """Reject impossible ``certify`` settings before anything is built.
+
+    ``more``: ``seed``, ``k`` (a list, or None for the default) and ``output_dir``, if given.
+    """
+    if "output_dir" in more and not str(more["output_dir"]).strip():
+        raise CertifySettingsError(f"output_dir must name a directory, got {more['output_dir']!r}")
+    k = more.get("k")
+    if k is not None and (len(k) == 0 or len(set(k)) != len(k)):
+        raise CertifySettingsError(f"k must list distinct values (or be left out), got {list(k)}")
     _check_int("n", n, 1)
     _check_int("skip", skip, 1)
     _check_int("max_examples", max_examples, 1, optional=True)
@@ -212,6 +221,7 @@ def check_settings(
         check_alpha(alpha)
         check_bounds(bounds)
         check_autocast(autocast)
+        check_seed(more.get("seed"))
         if sigma is not None:
             check_sigma(sigma)
     except ValueError as err:
@@ -272,7 +282,10 @@ class CertifyingTrainer(pl.Trainer):
         """
         from certify.checkpoints import load_network_weights
 
-        check_settings(n, alpha, bounds, split, skip, max_examples, batch_size, sigma, autocast)
+        check_settings(
+            n, alpha, bounds, split, skip, max_examples, batch_size, sigma, autocast,
+            seed=seed, k=k, output_dir=output_dir,
+        )  # fmt: skip
         try:
             sigma = check_sigma(float(model.sigma) if sigma is None else sigma)
         except ValueError as err:

@@ -125,13 +125,21 @@ def check_top_k(top_k: int | Sequence[int], num_classes: int) -> tuple[int, ...]
             raise ValueError(f"k must be an integer, got {k!r}")
         if not 1 <= k < num_classes:
             raise ValueError(f"k must satisfy 1 <= k < c = {num_classes}, got k = {k}")
+    if len(set(ks)) != len(ks):
+        raise ValueError(f"the k values must be distinct, got {[int(k) for k in ks]}")
     return tuple(int(k) for k in ks)
 
 
 def check_seed(seed) -> int | None:
-    """``None`` or an integer (Python or NumPy; not a bool or a float)."""
+    """``None`` or an integer in 0 .. 2**64 - 1 (Python or NumPy; not a bool or a float).
+
+    The noise streams use the seed's 64 bits: a wider or negative seed would silently share
+    its streams with another one (2**64 with 0, -1 with 2**64 - 1).
+    """
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
         raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    if seed is not None and not 0 <= int(seed) < 2**64:
+        raise ValueError(f"seed must lie in 0 .. 2**64 - 1, got {seed!r}")
     return None if seed is None else int(seed)
 
 

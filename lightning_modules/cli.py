@@ -146,7 +146,7 @@ class TopkLightningCLI(LightningCLI):
             try:
                 check_certify_settings(
                     c.n, c.alpha, c.bounds, c.split, c.skip, c.max_examples, c.batch_size, c.sigma,
-                    c.autocast,
+                    c.autocast, seed=c.seed, k=c.k, output_dir=c.output_dir,
                 )  # fmt: skip
             except CertifySettingsError as err:
                 raise StartupError(str(err)) from None

@@ -140,6 +140,10 @@ def test_cohen_checkpoint_is_for_certify_only(isolated_run, capsys, checkpoints,
         (["--seed", "x"], 'Parser key "seed"'),
         (["--autocast", "fp8"], "autocast must be 'bf16' or 'fp16', got 'fp8'"),
         (["--compile", "maybe"], 'Parser key "compile"'),
+        (["--seed", str(2**64)], f"seed must lie in 0 .. 2**64 - 1, got {2**64}"),
+        (["--k", "1", "1"], "k must list distinct values (or be left out), got [1, 1]"),
+        (["--k=[]"], "k must list distinct values (or be left out), got []"),
+        (["--output_dir", ""], "output_dir must name a directory, got ''"),
     ],
 )
 def test_impossible_certify_settings(isolated_run, capsys, checkpoints, args, message):

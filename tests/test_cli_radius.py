@@ -68,6 +68,8 @@ def test_stdout_and_binocp(tmp_path, capsys):
         ("", [], "empty"),
         ("5 5 3 0\n", ["--k", "3"], "k must satisfy 1 <= k < c = 3, got k = 3"),
         ("5 5 3 0\n", ["--k", "0"], "got k = 0"),
+        ("5 5 3 0\n", ["--k", "1", "1"], "the k values must be distinct, got [1, 1]"),
+        ("5 5 3 0\n", ["--alpha", "1e-300"], "alpha must be at least 1e-100"),
         ("5 5 3 0\n", ["--sigma", "-1"], "sigma must be a finite number > 0, got -1.0"),
         ("5 5 3 0\n", ["--alpha", "1"], "alpha must lie strictly between 0 and 1, got 1.0"),
         ("5 5 3 0\n", ["--bounds", "wald"], "invalid choice: 'wald'"),
