@@ -21,7 +21,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from certify.metric import CertifiedTopKAccuracy
 from certify.smoothing import SmoothedClassifier
-from certify.validation import check_alpha, check_autocast, check_bounds, check_sigma
+from certify.validation import check_alpha, check_autocast, check_bounds, check_seed, check_sigma
 
 DEFAULT_TOP_K = (1, 3, 5)
 
@@ -74,6 +74,12 @@ class CertificationCallback(pl.Callback):
             raise ValueError(f"num_examples must be None or an integer >= 1, got {num_examples!r}")
         if not radii or any(not float(r) >= 0 for r in radii):
             raise ValueError(f"radii must be numbers >= 0, got {radii!r}")
+        for name, value in (("batch_size", batch_size), ("examples_per_call", examples_per_call)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_seed(seed)
         self.top_k = None if top_k is None else tuple(top_k)
         self.radii = tuple(float(r) for r in radii)
         self.n, self.alpha, self.bounds = n, check_alpha(alpha), check_bounds(bounds)
@@ -93,9 +99,8 @@ class CertificationCallback(pl.Callback):
         self._first_epoch = 0
 
     # ------------------------------------------------------------------ setup
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage not in ("fit", "validate"):
-            return
+    def check_module(self, pl_module: pl.LightningModule) -> None:
+        """Refuse k values the module's classes cannot have (the CLI calls this at start-up)."""
         num_classes = getattr(pl_module, "num_classes", None)
         if not isinstance(num_classes, int) or not hasattr(pl_module, "net"):
             raise ValueError(
@@ -104,11 +109,16 @@ class CertificationCallback(pl.Callback):
         if self.top_k is None:
             self.top_k = tuple(k for k in DEFAULT_TOP_K if k < num_classes)
         bad = [k for k in self.top_k if not isinstance(k, int) or not 1 <= k < num_classes]
-        if not self.top_k or bad:
+        if not self.top_k or bad or len(set(self.top_k)) != len(self.top_k):
             raise ValueError(
-                f"CertificationCallback: every k must satisfy 1 <= k < num_classes = "
-                f"{num_classes}, got top_k = {self.top_k}"
+                f"CertificationCallback: the k values must be distinct and satisfy 1 <= k < "
+                f"num_classes = {num_classes}, got top_k = {list(self.top_k)}"
             )
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage not in ("fit", "validate"):
+            return
+        self.check_module(pl_module)
         sigma = self.sigma if self.sigma is not None else getattr(pl_module, "sigma", None)
         check_sigma(sigma)
         self.dataset = self._validation_dataset(trainer)

@@ -21,6 +21,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from certify.callback import CertificationCallback
 from certify.checkpoints import (
     CheckpointError,
     fitting_network_state,
@@ -223,6 +224,21 @@ class TopkLightningCLI(LightningCLI):
             # jsonargparse wraps the error of a class's __init__: report the original one.
             original = [e for e in cause_chain(err) if isinstance(e, USER_ERRORS)][-1]
             raise StartupError(one_line(original)) from err
+
+    def _check_callbacks(self) -> None:
+        """Certification callbacks meet the model now, before anything is run or written."""
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, CertificationCallback):
+                try:
+                    callback.check_module(self.model)
+                except ValueError as err:
+                    raise StartupError(str(err)) from None
+
+    def before_fit(self) -> None:
+        self._check_callbacks()
+
+    def before_validate(self) -> None:
+        self._check_callbacks()
 
     def after_fit(self) -> None:
         if not self.config.fit.test_after_fit:

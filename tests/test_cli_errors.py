@@ -251,3 +251,26 @@ def test_checkpoint_hyperparameters_that_replace_the_config_are_named(
     ) in err
     assert main(args) == 0  # the config agrees with the checkpoint: no note
     assert "note:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("init_args", "message"),
+    [
+        ("{top_k: [1, 10], n: 10}", "satisfy 1 <= k < num_classes = 10, got top_k = [1, 10]"),
+        ("{top_k: [1, 1], n: 10}", "the k values must be distinct"),
+        ("{batch_size: 0, n: 10}", "batch_size must be an integer >= 1, got 0"),
+        ("{seed: -1, n: 10}", "seed must lie in 0 .. 2**64 - 1, got -1"),
+    ],
+)
+@pytest.mark.parametrize("command", ["fit", "validate"])
+def test_certification_callback_mistakes_stop_the_start(
+    isolated_run, capsys, command, init_args, message
+):
+    config = Path("callback.yaml")
+    config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: certify.callback.CertificationCallback\n"
+        f"      init_args: {init_args}\n"
+    )
+    assert main([command, "--config", DIGITS, "--config", str(config), *QUIET]) == 2
+    assert_only_line(capsys.readouterr().err, command, message)
+    assert not Path("runs").exists()
