@@ -136,13 +136,17 @@ def write_report(tsv: str | Path, at=DEFAULT_RADII, output_dir=None, n: int | No
     if not at or any(not (r >= 0 and math.isfinite(r)) for r in at):
         raise ReportError(f"radii must be finite numbers >= 0, got {list(at)}")
     meta_path = tsv.parent / METADATA
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    except ValueError:  # a damaged certify.json: the report names no settings
+        meta = {}
+    meta = meta if isinstance(meta, dict) else {}
     if n is not None:
         meta["n"] = n
-    out = Path(output_dir) if output_dir is not None else tsv.parent
-    out.mkdir(parents=True, exist_ok=True)
     accuracy, acr = accuracy_table(radii, top_k, at)
     description = _describe(meta, len(radii))
+    out = Path(output_dir) if output_dir is not None else tsv.parent
+    out.mkdir(parents=True, exist_ok=True)  # only once the numbers stand
     write_atomic(out / "report.md", [markdown_table(top_k, at, accuracy, acr, description)])
     write_atomic(out / "report.csv", [csv_table(top_k, at, accuracy, acr)])
     plot_curves(radii, top_k, description, out / "certified_accuracy.png")

@@ -273,9 +273,11 @@ def main(argv: list[str]) -> int:
     except (StartupError, CertifySettingsError, CheckpointError, OutputError) as err:
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return 2
-    except OSError as err:  # certify: the output directory's disk is full or read-only
-        if argv[:1] != ["certify"]:
-            raise
-        print(f"{prog}: error: {err.filename or ''}: {err.strerror}", file=sys.stderr)
+    except OSError as err:  # a full or read-only disk, missing or unreadable data files
+        if err.filename is not None and err.strerror:
+            detail = f"{err.filename}: {err.strerror}"
+        else:  # e.g. torchvision's "Found no valid file for the classes ..."
+            detail = one_line(err) or type(err).__name__
+        print(f"{prog}: error: {detail}", file=sys.stderr)
         return 2
     return 0

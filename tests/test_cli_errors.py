@@ -199,6 +199,10 @@ def test_report_rejections(tmp_path, capsys):
         ([good, "--n", "0"], "n must be an integer >= 1, got 0"),
         ([good, "--n", "many"], "argument --n: invalid int value: 'many'"),
         ([good, "--output-dir", str(tmp_path / "a_file")], "a_file"),
+        (
+            [write("k0.tsv", "idx\tradius_top0\n0\t0.5\n"), "--output-dir", str(tmp_path / "r")],
+            "(0,)",
+        ),
     ]
     for args, message in cases:
         assert console_main(["report", *args]) == 2, args
@@ -274,3 +278,22 @@ def test_certification_callback_mistakes_stop_the_start(
     assert main([command, "--config", DIGITS, "--config", str(config), *QUIET]) == 2
     assert_only_line(capsys.readouterr().err, command, message)
     assert not Path("runs").exists()
+
+
+@pytest.mark.parametrize("command", ["fit", "certify"])
+def test_an_image_tree_without_images_is_named_in_one_line(isolated_run, capsys, command):
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            Path("empty_tree", split, cls).mkdir(parents=True)
+    args = [
+        command, "--model.arch", "resnet18", "--model.top_k", "[1]",
+        "--data", "datamodules.ImageNetDataModule", "--data.data_dir", "empty_tree",
+        "--data.num_workers", "0", "--trainer.accelerator", "cpu", *QUIET,
+    ]  # fmt: skip
+    if command == "certify":
+        args += ["--k", "1", "--n", "10", "--output_dir", "out"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"topk-smoothing {command}: error: Found no valid file for the classes")
+    assert "Traceback" not in err and not Path("out").exists()
