@@ -9,6 +9,7 @@ and rank 0 merges them, sorted by dataset index, into the final files and the re
 from __future__ import annotations
 
 import hashlib
+import re
 import signal
 import sys
 import time
@@ -122,9 +123,21 @@ class CertifyTask(pl.LightningModule):
                 channels_last=opts["channels_last"],
                 compile=opts["compile"],
             )
-        counts = self._smoothed.sample_counts(
-            x, opts["n"], opts["batch_size"], opts["seed"], example_ids=indices.tolist()
-        ).cpu()  # (b, c)
+        try:
+            counts = self._smoothed.sample_counts(
+                x, opts["n"], opts["batch_size"], opts["seed"], example_ids=indices.tolist()
+            ).cpu()  # (b, c)
+        except RuntimeError as err:  # torch.OutOfMemoryError, or the CPU allocator's refusal
+            text = str(err)
+            if not isinstance(err, torch.OutOfMemoryError) and "allocate memory" not in text:
+                raise
+            size = opts["batch_size"] or "(tuned)"
+            tried = re.search(r"tried to allocate [\d.]+ ?\w+", text, re.IGNORECASE)
+            raise CertifySettingsError(
+                f"batch_size {size} does not fit in memory ("
+                f"{tried.group(0) if tried else text.splitlines()[0][:120]}); choose a smaller "
+                "--batch_size, or leave it out to have one tuned"
+            ) from None
         radii = certified_radius(
             counts, labels.cpu(), opts["top_k"], opts["sigma"], opts["alpha"], opts["bounds"]
         )  # (b, K)

@@ -147,7 +147,8 @@ class SmoothedClassifier:
             x: ``(B, *input_shape)`` float inputs in pixel space.
             n: number of noisy samples per input.
             batch_size: noisy samples per forward pass (several inputs share a batch when n is
-                small). Defaults to the tuned ``auto_batch_size``.
+                small). Defaults to the tuned ``auto_batch_size``; never more than the call's
+                ``B * n`` samples (the counts do not depend on it).
             seed: base seed. With a seed, each input's noise depends only on
                 ``(seed, example_id)``; without one, a seed is drawn from torch's global RNG.
             example_ids: ``(B,)`` integer ids naming the inputs' noise streams (e.g. their
@@ -184,6 +185,7 @@ class SmoothedClassifier:
                     samples=x.shape[0] * int(n),
                 )
             chunk = noise_chunk(x.device, x.shape[1:])
+            batch_size = min(batch_size, x.shape[0] * int(n))  # no buffer beyond the call's needs
             return self._sample(x, int(n), batch_size, seed, ids, chunk)
         finally:
             self.model.train(was_training)

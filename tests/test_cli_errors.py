@@ -297,3 +297,16 @@ def test_an_image_tree_without_images_is_named_in_one_line(isolated_run, capsys,
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"topk-smoothing {command}: error: Found no valid file for the classes")
     assert "Traceback" not in err and not Path("out").exists()
+
+
+def test_a_batch_size_beyond_memory_is_one_line(isolated_run, capsys, checkpoints):
+    ckpt = str(checkpoints["cohen_digits"])
+    argv = ["certify", "--config", DIGITS, "--ckpt_path", ckpt, *QUIET, *CERTIFY]
+    assert main([*argv, "--batch_size", str(10**10), "--n", str(10**10)]) == 2  # 2.56 TB
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"topk-smoothing certify: error: batch_size {10**10} does not fit in memory (tried to "
+        "allocate 2560000000000 bytes); choose a smaller --batch_size, or leave it out to have "
+        "one tuned"
+    )

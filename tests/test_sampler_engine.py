@@ -116,7 +116,9 @@ def test_noisy_inputs_never_exceed_one_batch(n, batch_size, monkeypatch):
         torch.rand(3, 1, 8, 8), n=n, batch_size=batch_size, seed=0
     )
     assert counts.sum(dim=1).tolist() == [n] * 3
-    # One buffer, whatever n is: a batch (plus one chunk when the batch is smaller).
+    # One buffer, whatever n is: a batch (plus one chunk when the batch is smaller), and no
+    # batch larger than the call's 3 * n samples.
+    batch_size = min(batch_size, 3 * n)
     assert buffers == [capacity(batch_size, NOISE_CHUNK)]
     assert capacity(batch_size, NOISE_CHUNK) == (
         batch_size if batch_size >= NOISE_CHUNK else batch_size + NOISE_CHUNK
