@@ -142,6 +142,9 @@ class TopkLightningCLI(LightningCLI):
         except ArgumentError as err:
             raise StartupError(parse_error_message(err)) from None
         subcommand = self.config.get("subcommand")
+        seed = self.config.get(f"{subcommand}.seed_everything")
+        if not isinstance(seed, bool) and seed is not None and not 0 <= seed < 2**32:
+            raise StartupError(f"seed_everything must lie in 0 .. 2**32 - 1, got {seed}")
         if subcommand == "certify":
             c = self.config.certify
             try:
@@ -236,6 +239,15 @@ class TopkLightningCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._check_callbacks()
+        # The optimizer and its schedule are built only when training starts: build them once
+        # now, on the real parameters, so that a bad setting stops before any run directory.
+        model = self.model
+        try:
+            optimizer = model.optimizer_factory(model.parameters())
+            if model.lr_scheduler_factory is not None:
+                model.lr_scheduler_factory(optimizer)
+        except (ValueError, TypeError) as err:
+            raise StartupError(f"model.optimizer / model.lr_scheduler: {one_line(err)}") from None
 
     def before_validate(self) -> None:
         self._check_callbacks()

@@ -310,3 +310,17 @@ def test_a_batch_size_beyond_memory_is_one_line(isolated_run, capsys, checkpoint
         "allocate 2560000000000 bytes); choose a smaller --batch_size, or leave it out to have "
         "one tuned"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--seed_everything", "-1"], "seed_everything must lie in 0 .. 2**32 - 1, got -1"),
+        (["--seed_everything", str(2**40)], f"got {2**40}"),
+        (["--model.optimizer.lr", "-1"], "model.lr_scheduler: Invalid learning rate: -1.0"),
+    ],
+)
+def test_fit_settings_that_fail_late_are_caught_at_start_up(isolated_run, capsys, args, message):
+    assert main(["fit", "--config", DIGITS, *QUIET, *args]) == 2
+    assert_only_line(capsys.readouterr().err, "fit", message)
+    assert not Path("runs").exists()
