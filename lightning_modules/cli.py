@@ -279,6 +279,9 @@ def main(argv: list[str]) -> int:
     prog = " ".join(["topk-smoothing", *argv[:1]])
     # The seed is in the config: keep a start-up error the only line a mistake prints.
     logging.getLogger("lightning_fabric.utilities.seed").setLevel(logging.WARNING)
+    if argv[:1] == ["certify"]:  # no trainer banner: certify prints its own progress, and an
+        # output directory or resume refusal (found once the trainer exists) stays one line
+        logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
     keep_freed_memory()  # CPU training and sampling without a page fault per pass
     try:
         TopkLightningCLI(args=list_options(list(argv), ("--k",)))
