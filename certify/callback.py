@@ -75,9 +75,8 @@ class CertificationCallback(pl.Callback):
         if not radii or any(not float(r) >= 0 for r in radii):
             raise ValueError(f"radii must be numbers >= 0, got {radii!r}")
         for name, value in (("batch_size", batch_size), ("examples_per_call", examples_per_call)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-            if value is not None and value < 1:
+            bad = isinstance(value, bool) or not isinstance(value, int) or value < 1
+            if value is not None and bad:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         check_seed(seed)
         self.top_k = None if top_k is None else tuple(top_k)

@@ -30,8 +30,9 @@ from certify.checkpoints import (
 )
 from certify.cpu_memory import keep_freed_memory
 from certify.outputs import OutputError
-from certify.runner import CertifyingTrainer, CertifySettingsError
-from certify.runner import check_settings as check_certify_settings
+from certify.runner import CertifyingTrainer
+from certify.settings import CertifySettingsError
+from certify.settings import check_settings as check_certify_settings
 from datamodules.base import ImageClassificationDataModule
 from lightning_modules.module import NoisyClassifier
 
