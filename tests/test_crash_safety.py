@@ -97,6 +97,24 @@ def assert_rows_are_whole(rows: list[list[str]], n: int = N) -> None:
         assert all(r != r or r >= 0 for r in radii)
 
 
+@contextlib.contextmanager
+def once_rows_are_written(victim: subprocess.Popen, part: Path, rows: int, what: str):
+    """Wait (up to 240 s) until ``part`` holds ``rows`` rows while the run still goes on, then
+    run the block; the run is SIGKILLed on the way out if it is still alive."""
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and victim.poll() is None:
+            if part.is_file() and part.read_bytes().count(b"\n") >= rows:
+                break
+            time.sleep(0.02)
+        assert victim.poll() is None, f"the run ended before it could be {what}"
+        yield
+    finally:
+        if victim.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(victim.pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("crash")
@@ -111,18 +129,10 @@ def killed_and_reference(digits_checkpoint, workdir):
     victim = start(digits_checkpoint, killed, workdir)
     uninterrupted = start(digits_checkpoint, reference, workdir)
     part = killed / "parts" / "rank0.tsv"
-    deadline = time.monotonic() + 240
     try:
-        while time.monotonic() < deadline and victim.poll() is None:
-            if part.is_file() and part.read_bytes().count(b"\n") >= 5:
-                break
-            time.sleep(0.02)
-        assert victim.poll() is None, "the run ended before it could be killed"
-        os.killpg(victim.pid, signal.SIGKILL)
+        with once_rows_are_written(victim, part, 5, "killed"):
+            os.killpg(victim.pid, signal.SIGKILL)
     finally:
-        if victim.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(victim.pid, signal.SIGKILL)
         victim.communicate()
     snapshot = part.read_bytes()
     refused = finish(start(digits_checkpoint, killed, workdir, "--seed", "1"))
@@ -244,19 +254,9 @@ def test_sigterm_stops_between_batches_and_the_rerun_completes(digits_checkpoint
     out, sizes = workdir / "terminated", {"n": 20_000, "examples": 20}
     victim = start(digits_checkpoint, out, workdir, **sizes)
     part = out / "parts" / "rank0.tsv"
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and victim.poll() is None:
-            if part.is_file() and part.read_bytes().count(b"\n") >= 2:
-                break
-            time.sleep(0.02)
-        assert victim.poll() is None, "the run ended before it could be stopped"
+    with once_rows_are_written(victim, part, 2, "stopped"):
         os.killpg(victim.pid, signal.SIGTERM)
         returncode, stderr = finish(victim, timeout=120)
-    finally:
-        if victim.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(victim.pid, signal.SIGKILL)
     assert returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     assert "stopped by SIGTERM" in stderr.strip().splitlines()[-1]
