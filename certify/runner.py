@@ -284,7 +284,7 @@ class CertifyingTrainer(pl.Trainer):
             "channels_last": bool(channels_last), "data": data_identity(datamodule),
             "noise_device": self.strategy.root_device.type,
         }  # fmt: skip
-        if autocast is not None or compile:  # absent when off: older runs still resume
+        if autocast is not None or compile:  # recorded when on, as since they were added
             metadata.update(autocast=autocast, compile=bool(compile))
         output = CertifyOutput(output_dir, metadata, top_k)
         output.prepare()
