@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from certify.batching import CPU_CANDIDATES, GPU_CANDIDATES, LabelForward, _cpu_sample_limit
+from certify.normal_kernel import kernel_status
 
 CIFAR10 = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # as in datamodules/cifar10.py
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -223,6 +224,8 @@ def machine(device: torch.device) -> dict[str, str]:
         "python": platform.python_version(),
         "device": str(device),
     }
+    if device.type == "cpu":
+        info["noise"] = kernel_status()  # compiled kernel or torch's normal_ (same numbers)
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

@@ -11,9 +11,11 @@ For every model, on one device and one batch size, the script measures:
 (d) ``certified_radius`` time for 10,000 examples x 1,000 classes, k in {1, 3, 5};
 
 then prints a table with the ratios (b)/(a) and (b)/(c) and writes it as JSON. Every round
-measures (a), (b) and (c) one after the other; throughputs are the best of ``--repeats``
-rounds, and each ratio is the median over rounds of the ratio within a round, so that a
-machine whose speed drifts between rounds (a shared VM) does not decide it.
+measures (a) in increasing batch size, (b), (a) again in decreasing size, then (c); a round's
+(a) is the mean of its two measurements, taken symmetrically around (b), so that a linear
+drift of the machine's speed cancels out of (b)/(a). Throughputs are the best of
+``--repeats`` rounds, and each ratio is the median over rounds of the ratio within a round,
+so that a machine whose speed drifts between rounds (a shared VM) does not decide it.
 
     python benchmarks/sampler_throughput.py                       # CPU: digits CNN, ResNet-20/110
     python benchmarks/sampler_throughput.py --device cuda         # + ResNet-50 at 224x224
@@ -119,10 +121,12 @@ def bench_model(name: str, args, device: torch.device) -> list[dict]:
             continue
         x = spec.inputs(inputs, device)  # (inputs, *shape) in [0, 1]
         rounds, busy = _best_of_rounds(args, device, smoothed, spec, x, n, sizes, batch)
-        best = {"a": {size: max(r) for size, r in rounds["a"].items()}}
+        best = {"a": {size: max(map(max, r)) for size, r in rounds["a"].items()}}
         best["b"], best["c"] = max(rounds["b"]), max(rounds["c"])
+        # (a) of a round: the mean of its measurements before and after (b)
+        around_b = {size: [statistics.mean(p) for p in r] for size, r in rounds["a"].items()}
         # The fastest size by its median round (a best-of favours whichever size got lucky).
-        fastest = max(rounds["a"], key=lambda size: statistics.median(rounds["a"][size]))
+        fastest = max(around_b, key=lambda size: statistics.median(around_b[size]))
         row = {
             "model": name,
             "input_shape": list(spec.shape),
@@ -138,9 +142,9 @@ def bench_model(name: str, args, device: torch.device) -> list[dict]:
             "a_same_batch": best["a"][batch],
             "b": best["b"],
             "c": best["c"],
-            "b_over_a": _paired_ratio(rounds["b"], rounds["a"][fastest]),
+            "b_over_a": _paired_ratio(rounds["b"], around_b[fastest]),
             "b_over_c": _paired_ratio(rounds["b"], rounds["c"]),
-            "b_over_a_same_batch": _paired_ratio(rounds["b"], rounds["a"][batch]),
+            "b_over_a_same_batch": _paired_ratio(rounds["b"], around_b[batch]),
             "b_over_a_best_of": best["b"] / best["a"][fastest],
             "b_over_c_best_of": best["b"] / best["c"],
             "rounds": {"a": rounds["a"], "b": rounds["b"], "c": rounds["c"]},
@@ -178,11 +182,13 @@ def _clean(fn, args, device) -> float:
 
 
 def _best_of_rounds(args, device, smoothed, spec, x, n, sizes, batch):
-    """Interleaved rounds of (a) at each size in ``sizes``, (b) and (c).
+    """Interleaved rounds of (a) at each size in ``sizes``, (b), (a) again, and (c).
 
-    Every measurement is retried (``--tries``) until other processes left the CPUs alone.
-    Returns ``({"a": {size: [rate per round]}, "b": [...], "c": [...]}, measurements never
-    clean)``.
+    (a) is measured before (b) in increasing size and after it in decreasing size, so each
+    size's two measurements sit symmetrically around (b) and a linear drift of the machine's
+    speed cancels out of (b)/(a). Every measurement is retried (``--tries``) until other
+    processes left the CPUs alone. Returns ``({"a": {size: [[before, after] per round]}, "b":
+    [rate per round], "c": [...]}, measurements never clean)``.
     """
     forward, model = smoothed._forward, smoothed.model
     measures = {
@@ -190,15 +196,18 @@ def _best_of_rounds(args, device, smoothed, spec, x, n, sizes, batch):
     }
     measures["b"] = lambda: _sampler_rate(smoothed, x, n, args.batch_size, device)
     measures["c"] = lambda: _baseline_rate(model, spec, x, n, batch, device, args.seconds)
+    order = [("a", s) for s in sizes] + ["b"] + [("a", s) for s in reversed(sizes)] + ["c"]
     rounds, busy = {key: [] for key in measures}, 0
     for _ in range(args.repeats):
-        for key, measure in measures.items():
-            rate, clean = clean_run(measure, device, args.tries, args.idle_wait)
+        for key in order:
+            rate, clean = clean_run(measures[key], device, args.tries, args.idle_wait)
             rounds[key].append(rate)
             busy += not clean
-    per_round = {"a": {size: rounds["a", size] for size in sizes}, "b": rounds["b"]}
-    per_round["c"] = rounds["c"]
-    return per_round, busy
+    pairs = {
+        size: [rounds["a", size][i : i + 2] for i in range(0, 2 * args.repeats, 2)]
+        for size in sizes
+    }
+    return {"a": pairs, "b": rounds["b"], "c": rounds["c"]}, busy
 
 
 def _paired_ratio(top: list[float], bottom: list[float]) -> float:

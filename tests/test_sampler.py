@@ -7,7 +7,7 @@ from scipy.stats import norm
 from torch import nn
 
 from certify import SmoothedClassifier, certified_radius, top_k_set
-from certify.noise import NOISE_CHUNK, chunk_seed
+from certify.noise import NOISE_CHUNK, chunk_seed, chunk_seeds, mix64, seed_of_chunk, stream_seed
 
 
 class Constant(nn.Module):
@@ -84,24 +84,56 @@ def test_counts_do_not_depend_on_batch_size_or_batch_mates():
     assert not torch.equal(other, reference[[2]])  # the seed matters
 
 
+def loop_counts(model, x, ids, n, sigma, seed_of) -> torch.Tensor:
+    """Counts from a naive loop: chunk j of input ``ids[b]`` is torch's ``normal_`` from a
+    generator seeded by ``seed_of(ids[b], j)``."""
+    c = model[-1].out_features
+    counts = torch.zeros(x.shape[0], c, dtype=torch.int64)
+    generator = torch.Generator()
+    for b, example_id in enumerate(ids):
+        for j, start in enumerate(range(0, n, NOISE_CHUNK)):
+            generator.manual_seed(seed_of(example_id, j))
+            length = min(NOISE_CHUNK, n - start)
+            noise = torch.empty(length, *x.shape[1:]).normal_(0.0, sigma, generator=generator)
+            with torch.inference_mode():
+                counts[b] += torch.bincount(
+                    model(noise + x[b]).argmax(1), minlength=counts.shape[1]
+                )
+    return counts
+
+
 def test_counts_are_those_of_the_documented_noise_streams():
     """Chunk j of input ``id`` is torch's ``normal_`` from a generator seeded by
     ``chunk_seed(seed, id, j)``: a loop that draws each chunk on its own gets the same counts."""
     model = small_cnn()
     smoothed = SmoothedClassifier(model, num_classes=5, sigma=0.5)
     x, ids, n, seed = torch.rand(3, 1, 8, 8), [4, 9, 1], 300, 11
-    expected = torch.zeros(3, 5, dtype=torch.int64)
-    generator = torch.Generator()
-    for b, example_id in enumerate(ids):
-        for j, start in enumerate(range(0, n, NOISE_CHUNK)):
-            generator.manual_seed(chunk_seed(seed, example_id, j))
-            length = min(NOISE_CHUNK, n - start)
-            noise = torch.empty(length, 1, 8, 8).normal_(0.0, 0.5, generator=generator)
-            with torch.inference_mode():
-                expected[b] += torch.bincount(model(noise + x[b]).argmax(1), minlength=5)
+    expected = loop_counts(model, x, ids, n, 0.5, lambda i, j: chunk_seed(seed, i, j))
     for batch_size in (50, 1000):
         counts = smoothed.sample_counts(x, n, batch_size=batch_size, seed=seed, example_ids=ids)
         torch.testing.assert_close(counts, expected, rtol=0, atol=0)
+
+
+def test_chunks_of_one_input_never_share_the_generators_32_bit_seed():
+    """torch's CPU generator keeps only the low 32 bits of its seed. Under seed 0, input
+    81,374's chunks 9 and 92 have first-choice seeds that agree there, so they would draw the
+    same noise; chunk 92 is re-seeded with ``mix64(s) >> 1``, and the sampler follows."""
+    stream, ids, n = stream_seed(0, 81_374), [81_374], 93 * NOISE_CHUNK
+    first = [seed_of_chunk(stream, j) for j in range(93)]
+    assert first[9] != first[92] and first[9] % 2**32 == first[92] % 2**32
+    draws = [torch.randn(64, generator=torch.Generator().manual_seed(first[j])) for j in (9, 92)]
+    assert torch.equal(*draws)  # what the rule prevents
+    seeds = chunk_seeds([stream], 93)[0].tolist()  # (93,)
+    assert seeds == first[:92] + [mix64(first[92]) >> 1]
+    assert len({s % 2**32 for s in seeds}) == 93
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3, 5)).eval()
+    smoothed = SmoothedClassifier(model, num_classes=5, sigma=1.0)
+    x = torch.zeros(1, 1, 1, 3)
+    counts = smoothed.sample_counts(x, n, seed=0, example_ids=ids)
+    expected = loop_counts(model, x, ids, n, 1.0, lambda i, j: chunk_seed(0, i, j))
+    torch.testing.assert_close(counts, expected, rtol=0, atol=0)
+    assert not torch.equal(counts, loop_counts(model, x, ids, n, 1.0, lambda i, j: first[j]))
 
 
 def test_unseeded_sampling_follows_torch_manual_seed():
