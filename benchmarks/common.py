@@ -6,6 +6,7 @@ import functools
 import math
 import os
 import platform
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from certify.batching import CPU_CANDIDATES, GPU_CANDIDATES, LabelForward, _cpu_sample_limit
+from certify.noise import ChunkNoise, noise_chunk
 from certify.normal_kernel import kernel_status
 
 CIFAR10 = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # as in datamodules/cifar10.py
@@ -229,3 +231,47 @@ def machine(device: torch.device) -> dict[str, str]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+@torch.inference_mode()
+def noise_cost(
+    forward: LabelForward, shape, batch: int, sigma: float, seconds: float = 10.0
+) -> dict:
+    """On a CPU, what (b) pays per batch on top of (a)'s forward pass, batch by batch.
+
+    Each pass draws the noise of a full batch (``batch`` samples in chunks of the sampler,
+    through its own ``ChunkNoise``: the compiled kernel where it is in use), then runs the
+    forward pass on it; then the same with torch's ``normal_``. Alternating within every
+    pass, the machine's drift cancels. Returns median milliseconds per batch.
+    """
+    chunk = noise_chunk("cpu", shape)
+    chunks = max(1, batch // chunk)
+    buffer = forward.buffer(chunks * chunk, shape, torch.float32, "cpu")
+    flat = buffer.permute(0, 2, 3, 1) if not buffer.is_contiguous() else buffer
+    draw = ChunkNoise(flat, sigma, 0, range(chunks), chunks=1)
+    torch_normal = ChunkNoise(flat, sigma, 0, range(chunks), chunks=1)
+    torch_normal.kernel = None  # the same chunks through torch's normal_
+    times: dict[str, list[float]] = {"noise": [], "torch_normal": [], "forward": []}
+    start = time.perf_counter()
+    while len(times["forward"]) < 5 or time.perf_counter() - start < seconds:
+        for key, drawer in (("noise", draw), ("torch_normal", torch_normal)):
+            t = time.perf_counter()
+            for b in range(chunks):
+                drawer(b, 0, b * chunk, chunk)
+            times[key].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            forward.labels(buffer)
+            times["forward"].append(time.perf_counter() - t)
+    cost = {key: 1e3 * statistics.median(v) for key, v in times.items()}
+    cost["batch"], cost["drawer"] = chunks * chunk, kernel_status()
+    return cost
+
+
+def noise_line(cost: dict) -> str:
+    forward = cost["forward"]
+    return (
+        f"noise per batch of {cost['batch']}: {cost['noise']:.2f} ms ({cost['drawer']}), "
+        f"{cost['torch_normal']:.2f} ms with torch's normal_; forward pass {forward:.2f} ms: "
+        f"noise {100 * cost['noise'] / forward:.1f} % of it "
+        f"({100 * cost['torch_normal'] / forward:.1f} % with normal_)"
+    )

@@ -11,11 +11,12 @@ For every model, on one device and one batch size, the script measures:
 (d) ``certified_radius`` time for 10,000 examples x 1,000 classes, k in {1, 3, 5};
 
 then prints a table with the ratios (b)/(a) and (b)/(c) and writes it as JSON. Every round
-measures (a) in increasing batch size, (b), (a) again in decreasing size, then (c); a round's
-(a) is the mean of its two measurements, taken symmetrically around (b), so that a linear
-drift of the machine's speed cancels out of (b)/(a). Throughputs are the best of
-``--repeats`` rounds, and each ratio is the median over rounds of the ratio within a round,
-so that a machine whose speed drifts between rounds (a shared VM) does not decide it.
+measures (a) in increasing batch size, (c), (b), then (c) and (a) again in reverse order; a
+round's (a) and (c) are the means of their two measurements, taken symmetrically around (b),
+so that a linear drift of the machine's speed cancels out of (b)/(a) and (b)/(c).
+Throughputs are the best of ``--repeats`` rounds, and each ratio is the median over rounds of
+the ratio within a round, so that a machine whose speed drifts between rounds (a shared VM)
+does not decide it.
 
     python benchmarks/sampler_throughput.py                       # CPU: digits CNN, ResNet-20/110
     python benchmarks/sampler_throughput.py --device cuda         # + ResNet-50 at 224x224
@@ -45,6 +46,8 @@ from benchmarks.common import (  # noqa: E402
     clean_run,
     forward_rate,
     machine,
+    noise_cost,
+    noise_line,
     one_input_per_batch,
     sweep_forward,
     synchronize,
@@ -112,6 +115,9 @@ def bench_model(name: str, args, device: torch.device) -> list[dict]:
         + ", ".join(f"{b}: {r:,.0f}/s" for b, r in sweep.items()),
         flush=True,
     )
+    cost = noise_cost(smoothed._forward, spec.shape, batch, SIGMA) if device.type == "cpu" else None
+    if cost is not None:
+        print("  " + noise_line(cost), flush=True)
     rows = []
     for n in args.n:
         top = max(sweep.values())
@@ -122,9 +128,10 @@ def bench_model(name: str, args, device: torch.device) -> list[dict]:
         x = spec.inputs(inputs, device)  # (inputs, *shape) in [0, 1]
         rounds, busy = _best_of_rounds(args, device, smoothed, spec, x, n, sizes, batch)
         best = {"a": {size: max(map(max, r)) for size, r in rounds["a"].items()}}
-        best["b"], best["c"] = max(rounds["b"]), max(rounds["c"])
-        # (a) of a round: the mean of its measurements before and after (b)
+        best["b"], best["c"] = max(rounds["b"]), max(map(max, rounds["c"]))
+        # (a) and (c) of a round: the mean of their measurements before and after (b)
         around_b = {size: [statistics.mean(p) for p in r] for size, r in rounds["a"].items()}
+        c_around_b = [statistics.mean(p) for p in rounds["c"]]
         # The fastest size by its median round (a best-of favours whichever size got lucky).
         fastest = max(around_b, key=lambda size: statistics.median(around_b[size]))
         row = {
@@ -143,12 +150,13 @@ def bench_model(name: str, args, device: torch.device) -> list[dict]:
             "b": best["b"],
             "c": best["c"],
             "b_over_a": _paired_ratio(rounds["b"], around_b[fastest]),
-            "b_over_c": _paired_ratio(rounds["b"], rounds["c"]),
+            "b_over_c": _paired_ratio(rounds["b"], c_around_b),
             "b_over_a_same_batch": _paired_ratio(rounds["b"], around_b[batch]),
             "b_over_a_best_of": best["b"] / best["a"][fastest],
             "b_over_c_best_of": best["b"] / best["c"],
             "rounds": {"a": rounds["a"], "b": rounds["b"], "c": rounds["c"]},
             "measurements_under_load": busy,
+            "noise_cost_ms": cost,
         }
         if device.type == "cuda":
             row["b_peak_memory_mb"] = _peak_memory(smoothed, x, n, args.batch_size, device)
@@ -182,32 +190,35 @@ def _clean(fn, args, device) -> float:
 
 
 def _best_of_rounds(args, device, smoothed, spec, x, n, sizes, batch):
-    """Interleaved rounds of (a) at each size in ``sizes``, (b), (a) again, and (c).
+    """Interleaved rounds: (a) at each size in ``sizes``, (c), (b), (c) again, (a) again.
 
-    (a) is measured before (b) in increasing size and after it in decreasing size, so each
-    size's two measurements sit symmetrically around (b) and a linear drift of the machine's
-    speed cancels out of (b)/(a). Every measurement is retried (``--tries``) until other
-    processes left the CPUs alone. Returns ``({"a": {size: [[before, after] per round]}, "b":
-    [rate per round], "c": [...]}, measurements never clean)``.
+    (a) is measured before (b) in increasing size and after it in decreasing size, and (c)
+    just before and just after (b), so each of them is measured symmetrically around (b) and a
+    linear drift of the machine's speed cancels out of (b)/(a) and (b)/(c). Every measurement
+    is retried (``--tries``) until other processes left the CPUs alone. Returns ``({"a": {size:
+    [[before, after] per round]}, "b": [rate per round], "c": [[before, after] per round]},
+    measurements never clean)``.
     """
     forward, model = smoothed._forward, smoothed.model
     measures = {
         ("a", size): partial(forward_rate, forward, size, x, args.seconds) for size in sizes
     }
-    measures["b"] = lambda: _sampler_rate(smoothed, x, n, args.batch_size, device)
+    measures["b"] = lambda: _sampler_rate(smoothed, x, n, args.batch_size, batch, device)
     measures["c"] = lambda: _baseline_rate(model, spec, x, n, batch, device, args.seconds)
-    order = [("a", s) for s in sizes] + ["b"] + [("a", s) for s in reversed(sizes)] + ["c"]
+    around = [("a", s) for s in sizes] + ["c"]
+    order = around + ["b"] + around[::-1]
     rounds, busy = {key: [] for key in measures}, 0
     for _ in range(args.repeats):
         for key in order:
             rate, clean = clean_run(measures[key], device, args.tries, args.idle_wait)
             rounds[key].append(rate)
             busy += not clean
-    pairs = {
-        size: [rounds["a", size][i : i + 2] for i in range(0, 2 * args.repeats, 2)]
-        for size in sizes
-    }
-    return {"a": pairs, "b": rounds["b"], "c": rounds["c"]}, busy
+
+    def pairs(key) -> list[list[float]]:
+        return [rounds[key][i : i + 2] for i in range(0, 2 * args.repeats, 2)]
+
+    a = {size: pairs(("a", size)) for size in sizes}
+    return {"a": a, "b": rounds["b"], "c": pairs("c")}, busy
 
 
 def _paired_ratio(top: list[float], bottom: list[float]) -> float:
@@ -216,7 +227,10 @@ def _paired_ratio(top: list[float], bottom: list[float]) -> float:
     return statistics.median(t / b for t, b in zip(top, bottom, strict=True))
 
 
-def _sampler_rate(smoothed, x, n, batch_size, device) -> float:
+def _sampler_rate(smoothed, x, n, batch_size, batch, device) -> float:
+    # Untimed warm-up of one batch, as (a) has: every measurement starts after an idle wait
+    # (``clean_run``), and a cold first batch would be charged to (b) alone.
+    smoothed.sample_counts(x[:1], min(n, batch), batch_size=batch_size, seed=1)
     synchronize(device)
     start = time.perf_counter()
     smoothed.sample_counts(x, n, batch_size=batch_size, seed=0)
@@ -227,7 +241,8 @@ def _sampler_rate(smoothed, x, n, batch_size, device) -> float:
 def _baseline_rate(model, spec, x, n, batch_size, device, seconds) -> float:
     """(c) on as many of the inputs as it gets through in ``seconds`` (at least one): it
     handles one input at a time, so a slow baseline need not run over all of them."""
-    synchronize(device)
+    one_input_per_batch(model, x[:1], min(n, batch_size), batch_size, SIGMA, spec.num_classes)
+    synchronize(device)  # after an untimed warm-up batch, as (a) and (b) have
     start, done = time.perf_counter(), 0
     while done < x.shape[0] and (done == 0 or time.perf_counter() - start < seconds):
         one_input_per_batch(model, x[done : done + 1], n, batch_size, SIGMA, spec.num_classes)

@@ -15,8 +15,9 @@ result:
 - torch runs its AVX2 CPU kernels (``torch.backends.cpu.get_cpu_capability() == "AVX2"``;
   other builds draw through other code);
 - a C++ compiler (``$CXX``, else ``c++``) builds the file against this torch's headers; the
-  library is cached under ``$TOPK_SMOOTHING_CACHE`` (default ``~/.cache/topk-smoothing``),
-  keyed by the source, the header, the flags and the torch version;
+  library is cached under ``$TOPK_SMOOTHING_CACHE`` (default ``~/.cache/topk-smoothing``; a
+  folder in the temporary directory where that cannot be written), keyed by the source, the
+  header, the flags, the compiler and the torch version;
 - in this process, it reproduced ``normal_`` bit for bit on about 400,000 numbers (sizes with
   and without a remainder of 16, several seeds and standard deviations). Compiled with other
   floating-point contraction rules, about 1 % of the numbers differ, so a mismatch shows;
@@ -157,12 +158,20 @@ def _compiled(header: Path, flags: tuple[str, ...]) -> Path:
     for part in (SOURCE.read_bytes(), header.read_bytes(), " ".join(flags).encode()):
         key.update(part)
     key.update(f"{compiler} {torch.__version__}".encode())
-    directory = cache_dir()
-    library = directory / f"normal_kernel-{key.hexdigest()[:16]}.so"
-    if library.is_file():
-        return library
-    directory.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(suffix=".so", dir=directory)
+    name = f"normal_kernel-{key.hexdigest()[:16]}.so"
+    user = getattr(os, "getuid", lambda: "user")()
+    fallback = Path(tempfile.gettempdir()) / f"topk-smoothing-{user}"
+    for directory in (cache_dir(), fallback):  # the temporary one if the cache is read-only
+        library = directory / name
+        if library.is_file():
+            return library
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            handle, partial = tempfile.mkstemp(suffix=".so", dir=directory)
+            break
+        except OSError:
+            if directory == fallback:
+                raise
     os.close(handle)
     command = [compiler, *flags, f"-I{header.parents[3]}", str(SOURCE), "-o", partial]
     try:

@@ -264,6 +264,11 @@ class CertifyingTrainer(pl.Trainer):
                 f"every k must satisfy 1 <= k < num_classes = {num_classes}, got {list(top_k)}"
             )
         arch = getattr(model, "hparams", {}).get("arch")
+        if ckpt_path is None and getattr(model, "hparams", {}).get("weights") is None:
+            raise CertifySettingsError(
+                "no --ckpt_path and no --model.weights: the network has its random initial "
+                "weights; pass a checkpoint (--ckpt_path) or pretrained weights (--model.weights)"
+            )
         if ckpt_path is not None:
             load_network_weights(model.net, ckpt_path, arch)
         datamodule.setup("test" if split == "test" else "validate")

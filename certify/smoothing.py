@@ -17,8 +17,7 @@ from torch import nn
 from certify.batching import LabelForward, auto_batch_size
 from certify.bounds import simuem_bounds
 from certify.cpu_memory import keep_freed_memory
-from certify.noise import add_inputs, chunk_seeds, noise_chunk, stream_seed
-from certify.normal_kernel import normal_kernel
+from certify.noise import ChunkNoise, add_inputs, noise_chunk
 from certify.packing import capacity, plan
 from certify.radius import certified_radius
 from certify.validation import (
@@ -206,15 +205,7 @@ class SmoothedClassifier:
         flat = noisy.permute(0, 2, 3, 1) if not noisy.is_contiguous() else noisy
         owner = torch.empty(rows, dtype=torch.int64, device=device)  # (rows,) b * c
         ones = torch.ones(batch_size, dtype=torch.int64, device=device)  # (batch_size,)
-        generator = torch.Generator(device=device)
-        # torch's normal_, bit for bit, faster (certify.normal_kernel); None off the CPU
-        kernel = normal_kernel() if device.type == "cpu" and x.dtype == torch.float32 else None
-        per_sample = flat[0].numel()
-        if not flat.is_contiguous():  # torch would draw it element by element: other numbers
-            kernel = None
-        address = flat.data_ptr()  # kernel.at writes rows of this contiguous float32 buffer
-        # seeds[b, j]: chunk j of input b (certify.noise.chunk_seeds: distinct low 32 bits)
-        seeds = chunk_seeds([stream_seed(seed, i) for i in ids], -(-n // chunk))  # (B, chunks)
+        draw = ChunkNoise(flat, self.sigma, seed, ids, chunks=-(-n // chunk))
         # Rows whose input is yet to be added: runs [input, first row, end row] that follow
         # each other in the buffer (added together, before anything can overwrite them).
         runs: list[list[int]] = []
@@ -232,12 +223,7 @@ class SmoothedClassifier:
                     else:  # elsewhere in the buffer: what is pending first
                         add_inputs(noisy, owner, x, offsets, runs)
                         runs = [[b, row, row + length]]
-                    if kernel is not None and length * per_sample >= 16:
-                        kernel.at(address + 4 * row * per_sample, length * per_sample,
-                                  int(seeds[b, j]), 0.0, self.sigma)  # fmt: skip
-                    else:
-                        generator.manual_seed(int(seeds[b, j]))
-                        flat[row : row + length].normal_(0.0, self.sigma, generator=generator)
+                    draw(b, j, row, length)
                     continue
                 add_inputs(noisy, owner, x, offsets, runs)
                 runs = []

@@ -57,5 +57,14 @@ class ImageNetDataModule(ImageClassificationDataModule):
             [transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()]
         )
         if stage in (None, "fit"):
-            self.train_dataset = ImageFolder(self.train_dir, transform=train_tf)
-        self.val_dataset = self.test_dataset = ImageFolder(self.val_dir, transform=eval_tf)
+            self.train_dataset = image_folder(self.train_dir, "train", train_tf)
+        self.val_dataset = self.test_dataset = image_folder(self.val_dir, "val", eval_tf)
+
+
+def image_folder(path, split: str, transform) -> ImageFolder:
+    """torchvision's ``ImageFolder``; its error for a class folder without images names the
+    folder (torchvision names only the classes)."""
+    try:
+        return ImageFolder(path, transform=transform)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"ImageNet {split} folder {str(path)!r}: {err}") from None

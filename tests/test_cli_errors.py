@@ -18,7 +18,7 @@ import torch
 
 from certify.cli import main as console_main
 from lightning_modules.cli import main
-from lightning_modules.models import build_network
+from lightning_modules.models import build_backbone, build_network
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "configs" / "digits.yaml")
@@ -150,6 +150,15 @@ def test_impossible_certify_settings(isolated_run, capsys, checkpoints, args, me
     ckpt = str(checkpoints["cohen_digits"])  # certify reads Cohen et al.'s layout
     argv = ["certify", "--config", DIGITS, "--ckpt_path", ckpt, *QUIET, *CERTIFY, *args]
     assert main(argv) == 2
+    assert_only_line(capsys.readouterr().err, "certify", message)
+    assert not Path("out").exists()
+
+
+def test_certify_refuses_random_weights(isolated_run, capsys):
+    """Without --ckpt_path or --model.weights the network is as initialised: refused, not
+    certified (a certificate of random weights is nothing anyone wants)."""
+    assert main(["certify", "--config", DIGITS, *QUIET, *CERTIFY]) == 2
+    message = "no --ckpt_path and no --model.weights: the network has its random initial weights"
     assert_only_line(capsys.readouterr().err, "certify", message)
     assert not Path("out").exists()
 
@@ -290,12 +299,15 @@ def test_an_image_tree_without_images_is_named_in_one_line(isolated_run, capsys,
         "--data", "datamodules.ImageNetDataModule", "--data.data_dir", "empty_tree",
         "--data.num_workers", "0", "--trainer.accelerator", "cpu", *QUIET,
     ]  # fmt: skip
-    if command == "certify":
-        args += ["--k", "1", "--n", "10", "--output_dir", "out"]
+    if command == "certify":  # weights from a file: certify refuses random ones
+        torch.save(build_backbone("resnet18", 2).state_dict(), "resnet18.pt")
+        args += ["--model.weights", "resnet18.pt", "--k", "1", "--n", "10", "--output_dir", "out"]
     assert main(args) == 2
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
-    assert last.startswith(f"topk-smoothing {command}: error: Found no valid file for the classes")
+    folder = "ImageNet train folder 'empty_tree/train'" if command == "fit" else "ImageNet val"
+    assert last.startswith(f"topk-smoothing {command}: error: {folder}")
+    assert "Found no valid file for the classes a, b" in last
     assert "Traceback" not in err and not Path("out").exists()
 
 

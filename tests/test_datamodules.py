@@ -102,3 +102,7 @@ def test_imagenet_missing_or_inconsistent_tree(imagenet_root, tmp_path):
     (tmp_path / "val" / "b").mkdir(parents=True)
     with pytest.raises(ValueError, match="different class folders"):
         ImageNetDataModule(data_dir=str(tmp_path))
+    (tmp_path / "val" / "b").rename(tmp_path / "val" / "a")  # same classes, no images
+    dm = ImageNetDataModule(data_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="ImageNet val folder '.*val': Found no valid file"):
+        dm.setup("test")

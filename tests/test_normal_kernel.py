@@ -1,6 +1,8 @@
 """The compiled noise kernel: torch's CPU ``normal_`` bit for bit, or not used at all."""
 
 import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,3 +100,12 @@ def test_a_failing_compiler_leaves_no_partial_library(tmp_path, monkeypatch):
     if AVX2:
         assert why.endswith("false could not build the noise kernel: no output")
         assert list((tmp_path / "cache").iterdir()) == []
+
+
+@needs_kernel
+def test_an_unwritable_cache_falls_back_to_the_temporary_directory(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv(nk.CACHE, str(tmp_path / "a_file" / "cache"))  # cannot be created
+    kernel, why = nk.build()
+    assert kernel is not None and why == "ok"
+    assert list(Path(tempfile.gettempdir()).glob("topk-smoothing-*/normal_kernel-*.so"))
