@@ -144,13 +144,4 @@ int topk_normal_fill(float* data, int64_t size, uint64_t seed, float mean, float
   return 0;
 }
 
-// Several chunks at once: chunk i is `sizes[i]` values at `data + offsets[i]` seeded by seeds[i].
-int topk_normal_fill_chunks(float* data, const int64_t* offsets, const int64_t* sizes,
-                            const uint64_t* seeds, int64_t chunks, float mean, float std) {
-  for (int64_t i = 0; i < chunks; ++i) {
-    if (topk_normal_fill(data + offsets[i], sizes[i], seeds[i], mean, std) != 0) return 1;
-  }
-  return 0;
-}
-
 }  // extern "C"
