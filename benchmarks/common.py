@@ -247,10 +247,8 @@ def noise_cost(
     chunk = noise_chunk("cpu", shape)
     chunks = max(1, batch // chunk)
     buffer = forward.buffer(chunks * chunk, shape, torch.float32, "cpu")
-    flat = buffer.permute(0, 2, 3, 1) if not buffer.is_contiguous() else buffer
-    draw = ChunkNoise(flat, sigma, 0, range(chunks), chunks=1)
-    torch_normal = ChunkNoise(flat, sigma, 0, range(chunks), chunks=1)
-    torch_normal.kernel = None  # the same chunks through torch's normal_
+    draw = ChunkNoise(buffer, sigma, 0, range(chunks), chunks=1)
+    torch_normal = ChunkNoise(buffer, sigma, 0, range(chunks), chunks=1, use_kernel=False)
     times: dict[str, list[float]] = {"noise": [], "torch_normal": [], "forward": []}
     start = time.perf_counter()
     while len(times["forward"]) < 5 or time.perf_counter() - start < seconds:

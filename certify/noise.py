@@ -116,23 +116,29 @@ def noise_chunk(device: torch.device | str, sample_shape: Sequence[int]) -> int:
 
 class ChunkNoise:
     """``draw(b, j, row, length)``: chunk j of input b's noise (its first ``length`` samples)
-    into rows ``row .. row + length - 1`` of ``flat``, the sampler's buffer in memory order.
+    into rows ``row .. row + length - 1`` of ``noisy``, the sampler's buffer.
 
-    The chunk is torch's ``normal_(0, sigma)`` from a generator seeded by ``chunk_seeds``; on a
+    The noise is drawn in the buffer's memory order (channels-last: ``(rows, H, W, C)``). The
+    chunk is torch's ``normal_(0, sigma)`` from a generator seeded by ``chunk_seeds``; on a
     CPU, float32, the same numbers come from ``certify.normal_kernel`` where it is in use.
 
     Args:
-        flat: ``(rows, ...)`` contiguous noise buffer; ``sigma``: the noise level.
+        noisy: ``(rows, *shape)`` noise buffer; ``sigma``: the noise level.
         seed: base seed; ``ids``: the inputs' example ids; ``chunks``: chunks per input.
+        use_kernel: ``False`` keeps torch's ``normal_`` (the benchmark's comparison).
     """
 
-    def __init__(self, flat: torch.Tensor, sigma: float, seed: int, ids, chunks: int):
+    def __init__(
+        self, noisy: torch.Tensor, sigma: float, seed: int, ids, chunks: int, use_kernel=True
+    ):
+        flat = noisy.permute(0, 2, 3, 1) if not noisy.is_contiguous() else noisy
         self.flat, self.sigma = flat, sigma
         self.seeds = chunk_seeds([stream_seed(seed, i) for i in ids], chunks)  # (B, chunks)
         self.generator = torch.Generator(device=flat.device)
         self.kernel = None
         if flat.device.type == "cpu" and flat.dtype == torch.float32 and flat.is_contiguous():
-            self.kernel = normal_kernel()  # (a non-contiguous tensor torch draws otherwise)
+            self.kernel = normal_kernel() if use_kernel else None  # (torch draws a
+            # non-contiguous tensor element by element: other numbers than the kernel's)
         self.per_sample = flat[0].numel()
         self.address = flat.data_ptr()  # the kernel writes rows of the buffer at raw addresses
 

@@ -201,11 +201,9 @@ class SmoothedClassifier:
         rows = capacity(batch_size, chunk)
         counts = torch.zeros(x.shape[0] * c, dtype=torch.int64, device=device)  # (B * c,)
         noisy = self._forward.buffer(rows, x.shape[1:], x.dtype, device)  # (rows, *shape)
-        # The noise is drawn in the buffer's memory order (channels-last: (rows, H, W, C)).
-        flat = noisy.permute(0, 2, 3, 1) if not noisy.is_contiguous() else noisy
         owner = torch.empty(rows, dtype=torch.int64, device=device)  # (rows,) b * c
         ones = torch.ones(batch_size, dtype=torch.int64, device=device)  # (batch_size,)
-        draw = ChunkNoise(flat, self.sigma, seed, ids, chunks=-(-n // chunk))
+        draw = ChunkNoise(noisy, self.sigma, seed, ids, chunks=-(-n // chunk))
         # Rows whose input is yet to be added: runs [input, first row, end row] that follow
         # each other in the buffer (added together, before anything can overwrite them).
         runs: list[list[int]] = []
