@@ -12,10 +12,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from certify.batching import CPU_CANDIDATES, GPU_CANDIDATES, LabelForward, _cpu_sample_limit
-from certify.noise import ChunkNoise, noise_chunk
 from certify.normal_kernel import kernel_status
+
+from certify.sampling.batching import (
+    CPU_CANDIDATES,
+    GPU_CANDIDATES,
+    LabelForward,
+    _cpu_sample_limit,
+)
+from certify.sampling.noise import ChunkNoise, noise_chunk
 
 CIFAR10 = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # as in datamodules/cifar10.py
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

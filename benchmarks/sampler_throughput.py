@@ -53,7 +53,7 @@ from benchmarks.common import (  # noqa: E402
     synchronize,
 )
 from certify import SmoothedClassifier, certified_radius  # noqa: E402
-from certify.batching import clear_batch_size_cache  # noqa: E402
+from certify.sampling.batching import clear_batch_size_cache  # noqa: E402
 
 SIGMA = 0.25
 

@@ -1,18 +1,29 @@
 """Certified top-k robustness by randomized smoothing (Jia et al., ICLR 2020).
 
-The math (bounds, radius, sampling) is free of Lightning; the metric and the callback that
-build on it live in their own modules.
+Where things live:
+
+- ``certify.math``: Clopper-Pearson bounds, Theorem 1's radius, PREDICT; no Lightning.
+- ``certify.sampling``: ``SmoothedClassifier``, the seeded noise streams, batch packing and
+  batch-size tuning; no Lightning.
+- ``certify.training``: the ``CertifiedTopKAccuracy`` metric and the
+  ``CertificationCallback`` used while training (Lightning).
+- ``certify.commands``: the ``topk-smoothing`` console commands ``certify``, ``report`` and
+  ``radius`` (runner, output directory, settings, count files, checkpoints).
+
+The names below are importable from ``certify`` itself; the callback (which needs Lightning)
+is loaded only when asked for, so the math imports light.
 """
 
-from certify.bounds import (
+from certify.math.bounds import (
     binocp_bounds,
     clopper_pearson_lower,
     clopper_pearson_upper,
     simuem_bounds,
 )
-from certify.metric import CertifiedTopKAccuracy
-from certify.radius import certified_radius, radius_from_bounds
-from certify.smoothing import SmoothedClassifier, top_k_set
+from certify.math.prediction import top_k_set
+from certify.math.radius import certified_radius, radius_from_bounds
+from certify.sampling.smoothing import SmoothedClassifier
+from certify.training.metric import CertifiedTopKAccuracy
 
 __all__ = [
     "CertificationCallback",
@@ -29,9 +40,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # The callback needs Lightning: load it only when asked for, so the math imports light.
     if name == "CertificationCallback":
-        from certify.callback import CertificationCallback
+        from certify.training.callback import CertificationCallback
 
         return CertificationCallback
     raise AttributeError(f"module 'certify' has no attribute {name!r}")

@@ -1,5 +1,5 @@
 import sys
 
-from certify.cli import main
+from certify.commands.cli import main
 
 sys.exit(main())

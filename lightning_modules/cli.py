@@ -21,18 +21,18 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from certify.callback import CertificationCallback
-from certify.checkpoints import (
+from certify.commands.checkpoints import (
     CheckpointError,
     fitting_network_state,
     network_state,
     read_checkpoint,
 )
-from certify.cpu_memory import keep_freed_memory
-from certify.outputs import OutputError
-from certify.runner import CertifyingTrainer
-from certify.settings import CertifySettingsError
-from certify.settings import check_settings as check_certify_settings
+from certify.commands.outputs import OutputError
+from certify.commands.runner import CertifyingTrainer
+from certify.commands.settings import CertifySettingsError
+from certify.commands.settings import check_settings as check_certify_settings
+from certify.math.validation import check_top_k
+from certify.training.callback import CertificationCallback
 from datamodules.base import ImageClassificationDataModule
 from lightning_modules.module import NoisyClassifier
 
@@ -205,12 +205,11 @@ class TopkLightningCLI(LightningCLI):
                     f"checkpoint {ckpt_path!r} is one of Cohen et al.'s models, not a Lightning "
                     "checkpoint: only `topk-smoothing certify` reads it"
                 )
-        if subcommand == "certify" and self.config.certify.k:
-            top_k, num_classes = list(self.config.certify.k), int(self.model.num_classes)
-            if any(not 1 <= v < num_classes for v in top_k):
-                raise StartupError(
-                    f"every k must satisfy 1 <= k < num_classes = {num_classes}, got {top_k}"
-                )
+        if subcommand == "certify" and self.config.certify.k is not None:
+            try:
+                check_top_k(list(self.config.certify.k), int(self.model.num_classes))
+            except ValueError as err:
+                raise StartupError(str(err)) from None
         replaced = getattr(self, "replaced_by_checkpoint", [])
         if replaced and rank_zero_only.rank == 0:
             hint = "; `certify --sigma` smooths at another level" if subcommand == "certify" else ""
@@ -283,7 +282,6 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["certify"]:  # no trainer banner: certify prints its own progress, and an
         # output directory or resume refusal (found once the trainer exists) stays one line
         logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
-    keep_freed_memory()  # CPU training and sampling without a page fault per pass
     try:
         TopkLightningCLI(args=list_options(list(argv), ("--k",)))
     except (StartupError, CertifySettingsError, CheckpointError, OutputError) as err:

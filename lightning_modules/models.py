@@ -18,6 +18,7 @@ import torch
 import torchvision
 from torch import nn
 
+from certify.math.validation import check_int
 from lightning_modules.cifar_resnet import CifarResNet
 
 TORCHVISION_RESNETS = ("resnet18", "resnet50", "resnet101")
@@ -202,7 +203,6 @@ def build_network(
     Raises:
         ValueError: bad ``num_classes``, ``mean``/``std``, ``arch`` or ``weights``.
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    check_int(num_classes, "num_classes", low=2)
     normalize = NormalizeLayer(mean, std)
     return nn.Sequential(normalize, build_backbone(arch, num_classes, len(mean), weights))

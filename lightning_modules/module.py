@@ -21,7 +21,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from certify.validation import check_sigma, check_top_k
+from certify.math.validation import check_sigma, check_top_k
 from lightning_modules.models import build_network
 
 RNG_KEY = "rng_states"
@@ -102,7 +102,7 @@ class NoisyClassifier(LightningModule):
                 del self.hparams[key]
         self.sigma = check_sigma(sigma)
         self.num_classes = num_classes
-        self.top_k = check_top_k(tuple(top_k), num_classes)
+        self.top_k = check_top_k(tuple(top_k), num_classes, name="model.top_k")
         self.net = build_network(arch, num_classes, tuple(mean), tuple(std), weights)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler

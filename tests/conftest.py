@@ -1,4 +1,4 @@
-"""Shared fixtures: the authors' reference files, offline W&B."""
+"""Shared fixtures: the authors' reference files (``tests/data``), offline W&B."""
 
 import os
 from pathlib import Path
@@ -10,14 +10,12 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference" / "cifar10_resnet110_sigma0.25"
+REFERENCE = REPO / "tests" / "data" / "cifar10_resnet110_sigma0.25"
 
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    """The authors' CIFAR-10 counts and radii (kept outside the repository)."""
-    if not (REFERENCE / "counts.txt").is_file():
-        pytest.skip(f"reference data not found at {REFERENCE} (it lives in ../shared/reference)")
+    """The authors' CIFAR-10 counts and radii (``tests/data/README.md`` names the source)."""
     return REFERENCE
 
 
@@ -34,9 +32,9 @@ def reference_radii_top3(reference_dir):
 
 @pytest.fixture
 def tuning(monkeypatch):
-    """``tuning(NAME=value, ...)`` overrides ``certify.batching``'s tuning constants for the test;
-    the batch-size cache is empty before and after it."""
-    from certify import batching
+    """``tuning(NAME=value, ...)`` overrides ``certify.sampling.batching``'s tuning constants for
+    the test; the batch-size cache is empty before and after it."""
+    from certify.sampling import batching
 
     batching.clear_batch_size_cache()
     yield lambda **settings: [monkeypatch.setattr(batching, k, v) for k, v in settings.items()]

@@ -142,7 +142,7 @@ class TestFailsEarly:
 
     def test_k_not_below_num_classes(self):
         model, data = self.model_and_data()
-        with pytest.raises(ValueError, match="1 <= k < num_classes = 10"):
+        with pytest.raises(ValueError, match="1 <= k < c = 10"):
             self.trainer(CertificationCallback(top_k=[1, 10], n=10)).validate(model, data)
 
     def test_no_validation_data(self):

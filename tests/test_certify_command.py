@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from certify.checkpoints import CheckpointError, load_network_weights
-from certify.countfile import read_counts
-from certify.radius import certified_radius
+from certify.commands.checkpoints import CheckpointError, load_network_weights
+from certify.commands.countfile import read_counts
+from certify.math.radius import certified_radius
 from lightning_modules.models import build_network
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from certify.cli import main as console_main
+from certify.commands.cli import main as console_main
 from lightning_modules.cli import main
 from lightning_modules.models import build_backbone, build_network
 
@@ -128,8 +128,8 @@ def test_cohen_checkpoint_is_for_certify_only(isolated_run, capsys, checkpoints,
         (["--n", "1.5"], 'Parser key "n"'),
         (["--alpha", "0"], "alpha must lie strictly between 0 and 1, got 0.0"),
         (["--alpha", "1"], "alpha must lie strictly between 0 and 1, got 1.0"),
-        (["--k", "0"], "every k must satisfy 1 <= k < num_classes = 10, got [0]"),
-        (["--k", "1", "10"], "every k must satisfy 1 <= k < num_classes = 10, got [1, 10]"),
+        (["--k", "0"], "k must be >= 1, got k = 0"),
+        (["--k", "1", "10"], "k must satisfy 1 <= k < c = 10, got k = 10"),
         (["--bounds", "exact"], "bounds must be 'simuem' or 'binocp', got 'exact'"),
         (["--split", "train"], "split must be 'test' or 'val', got 'train'"),
         (["--skip", "0"], "skip must be an integer >= 1, got 0"),
@@ -141,8 +141,8 @@ def test_cohen_checkpoint_is_for_certify_only(isolated_run, capsys, checkpoints,
         (["--autocast", "fp8"], "autocast must be 'bf16' or 'fp16', got 'fp8'"),
         (["--compile", "maybe"], 'Parser key "compile"'),
         (["--seed", str(2**64)], f"seed must lie in 0 .. 2**64 - 1, got {2**64}"),
-        (["--k", "1", "1"], "k must list distinct values (or be left out), got [1, 1]"),
-        (["--k=[]"], "k must list distinct values (or be left out), got []"),
+        (["--k", "1", "1"], "the k values must be distinct, got [1, 1]"),
+        (["--k=[]"], "at least one k is needed"),
         (["--output_dir", ""], "output_dir must name a directory, got ''"),
     ],
 )
@@ -210,7 +210,7 @@ def test_report_rejections(tmp_path, capsys):
         ([good, "--output-dir", str(tmp_path / "a_file")], "a_file"),
         (
             [write("k0.tsv", "idx\tradius_top0\n0\t0.5\n"), "--output-dir", str(tmp_path / "r")],
-            "(0,)",
+            "k must be >= 1, got k = 0",
         ),
     ]
     for args, message in cases:
@@ -269,7 +269,7 @@ def test_checkpoint_hyperparameters_that_replace_the_config_are_named(
 @pytest.mark.parametrize(
     ("init_args", "message"),
     [
-        ("{top_k: [1, 10], n: 10}", "satisfy 1 <= k < num_classes = 10, got top_k = [1, 10]"),
+        ("{top_k: [1, 10], n: 10}", "top_k: k must satisfy 1 <= k < c = 10, got k = 10"),
         ("{top_k: [1, 1], n: 10}", "the k values must be distinct"),
         ("{batch_size: 0, n: 10}", "batch_size must be an integer >= 1, got 0"),
         ("{seed: -1, n: 10}", "seed must lie in 0 .. 2**64 - 1, got -1"),
@@ -281,7 +281,7 @@ def test_certification_callback_mistakes_stop_the_start(
 ):
     config = Path("callback.yaml")
     config.write_text(
-        "trainer:\n  callbacks:\n    - class_path: certify.callback.CertificationCallback\n"
+        "trainer:\n  callbacks:\n    - class_path: certify.CertificationCallback\n"
         f"      init_args: {init_args}\n"
     )
     assert main([command, "--config", DIGITS, "--config", str(config), *QUIET]) == 2

@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from certify.cli import main
-from certify.countfile import CountFileError, parse_counts
+from certify.commands.cli import main
+from certify.commands.countfile import CountFileError, parse_counts
 
 ARGS = ["--sigma", "0.25", "--alpha", "0.001"]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from certify.outputs import CertifyOutput
+from certify.commands.outputs import CertifyOutput
 
 REPO = Path(__file__).resolve().parents[1]
 N, EXAMPLES = 2000, 60
@@ -42,7 +42,7 @@ def certify_args(ckpt: Path, out: Path, *extra: str, n: int = N, examples: int =
 def start(ckpt: Path, out: Path, cwd: Path, *extra: str, **sizes) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "certify", *certify_args(ckpt, out, *extra, **sizes)],
-        cwd=cwd, env=ENV, text=True, start_new_session=True,
+        cwd=cwd, env=ENV, text=True, preexec_fn=os.setsid,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
 

@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from certify import SmoothedClassifier, certified_radius
-from certify.cli import main
-from certify.countfile import CountFileError, format_counts, parse_counts, read_counts
+from certify.commands.cli import main
+from certify.commands.countfile import CountFileError, format_counts, parse_counts, read_counts
 
 FUZZ = settings(
     max_examples=150,

@@ -7,8 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from certify.countfile import read_counts
-from certify.outputs import CertifyOutput, OutputError, data_identity
+from certify.commands.countfile import read_counts
+from certify.commands.outputs import CertifyOutput, OutputError, data_identity
 
 META = {"n": 100, "alpha": 0.001, "sigma": 0.25, "seed": 0}
 

@@ -7,7 +7,14 @@ from scipy.stats import norm
 from torch import nn
 
 from certify import SmoothedClassifier, certified_radius, top_k_set
-from certify.noise import NOISE_CHUNK, chunk_seed, chunk_seeds, mix64, seed_of_chunk, stream_seed
+from certify.sampling.noise import (
+    NOISE_CHUNK,
+    chunk_seed,
+    chunk_seeds,
+    mix64,
+    seed_of_chunk,
+    stream_seed,
+)
 
 
 class Constant(nn.Module):

@@ -10,7 +10,7 @@ from scipy.stats import norm
 from torch import nn
 
 from certify import SmoothedClassifier
-from certify.noise import noise_chunk
+from certify.sampling.noise import noise_chunk
 
 DEVICES = [
     "cpu",

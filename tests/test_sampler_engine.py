@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from certify import SmoothedClassifier, batching
-from certify.noise import NOISE_CHUNK, noise_chunk
-from certify.packing import capacity, plan
+from certify import SmoothedClassifier
+from certify.sampling import batching
+from certify.sampling.noise import NOISE_CHUNK, noise_chunk
+from certify.sampling.packing import capacity, plan
 
 
 def small_cnn(num_classes=5, channels=1):

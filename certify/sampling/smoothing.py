@@ -1,8 +1,9 @@
 """The smoothed classifier: Monte Carlo counts of a base classifier under Gaussian noise.
 
 Reproducibility: the noise of every input is a pure function of ``(seed, example_id,
-sample index)`` on a given device type (``certify.noise``), so the counts of an input do not
-depend on the batch size, on the other inputs of the call or on the process that handles it.
+sample index)`` on a given device type (``certify.sampling.noise``), so the counts of an input
+do not depend on the batch size, on the other inputs of the call or on the process that
+handles it.
 """
 
 from __future__ import annotations
@@ -14,21 +15,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from certify.batching import LabelForward, auto_batch_size
-from certify.bounds import simuem_bounds
-from certify.cpu_memory import keep_freed_memory
-from certify.noise import ChunkNoise, add_inputs, noise_chunk
-from certify.packing import capacity, plan
-from certify.radius import certified_radius
-from certify.validation import (
+from certify.math.prediction import top_k_set
+from certify.math.radius import certified_radius
+from certify.math.validation import (
     check_alpha,
     check_bounds,
-    check_counts,
+    check_int,
     check_labels,
     check_seed,
     check_sigma,
     check_top_k,
 )
+from certify.sampling.batching import LabelForward, auto_batch_size
+from certify.sampling.noise import ChunkNoise, add_inputs, noise_chunk
+from certify.sampling.packing import capacity, plan
 
 #: A typical batch size, for callers planning how many inputs to pass per call; the sampler
 #: itself tunes the batch size when none is given (``SmoothedClassifier.auto_batch_size``).
@@ -48,7 +48,7 @@ class SmoothedClassifier:
     forward batch when n is small, the counts stay there (no host round trip per batch) and
     at most one batch of noisy inputs exists at a time. Without an explicit ``batch_size``
     the sampler uses the batch size with the best forward throughput, tuned once per model,
-    input shape, dtype, device and options (see ``certify.batching``).
+    input shape, dtype, device and options (see ``certify.sampling.batching``).
 
     Args:
         model: base classifier mapping ``(B, *input_shape)`` inputs in [0, 1] pixel space to
@@ -85,10 +85,8 @@ class SmoothedClassifier:
         compile: bool = False,
         cuda_graphs: bool = False,
     ) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         self.model = model
-        self.num_classes = num_classes
+        self.num_classes = check_int(num_classes, "num_classes", low=2)
         self.sigma = check_sigma(sigma)
         self.autocast_dtype = autocast_dtype
         self._forward = LabelForward(
@@ -121,8 +119,6 @@ class SmoothedClassifier:
             input_shape: the shape of one input, e.g. ``(3, 32, 32)``.
             dtype: the dtype of the noisy inputs (float32, or float64 for float64 inputs).
         """
-        if self.device.type == "cpu":
-            keep_freed_memory()
         was_training = self.model.training
         self.model.eval()
         try:
@@ -158,20 +154,14 @@ class SmoothedClassifier:
             ``(B, num_classes)`` int64 counts on the model's device; every row sums to n.
         """
         x = self._check_inputs(x)
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {n!r}")
-        if batch_size is not None and (
-            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-        ):
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        n = check_int(n, "n")
+        batch_size = check_int(batch_size, "batch_size", optional=True)
         ids = self._example_ids(example_ids, x.shape[0])
         seed = check_seed(seed)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         noise_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         x = x.to(device=self.device, dtype=noise_dtype)  # (B, *shape)
-        if x.device.type == "cpu":
-            keep_freed_memory()  # see certify.cpu_memory: up to 2x on large batches
         was_training = self.model.training
         self.model.eval()
         try:
@@ -182,18 +172,18 @@ class SmoothedClassifier:
                     tuple(x.shape[1:]),
                     noise_dtype,
                     x.device,
-                    samples=x.shape[0] * int(n),
+                    samples=x.shape[0] * n,
                 )
             chunk = noise_chunk(x.device, x.shape[1:])
-            batch_size = min(batch_size, x.shape[0] * int(n))  # no buffer beyond the call's needs
-            return self._sample(x, int(n), batch_size, seed, ids, chunk)
+            batch_size = min(batch_size, x.shape[0] * n)  # no buffer beyond the call's needs
+            return self._sample(x, n, batch_size, seed, ids, chunk)
         finally:
             self.model.train(was_training)
 
     def _sample(
         self, x: torch.Tensor, n: int, batch_size: int, seed: int, ids: list[int], chunk: int
     ) -> torch.Tensor:
-        """The sampling loop (model in eval mode, inference mode on); see ``certify.packing``.
+        """The sampling loop (model in eval mode, inference mode on); see ``sampling.packing``.
 
         ``chunk``: samples per noise chunk (``noise_chunk``; part of the counts' identity).
         """
@@ -301,17 +291,3 @@ class SmoothedClassifier:
         check_alpha(alpha)
         counts = self.sample_counts(x, n, batch_size, seed, example_ids).cpu()
         return top_k_set(counts, k, alpha)
-
-
-def top_k_set(counts: torch.Tensor, k: int, alpha: float) -> torch.Tensor:
-    """PREDICT from counts: the top-k labels when simultaneously separated, else -1s."""
-    counts = torch.as_tensor(check_counts(counts))  # (B, c)
-    (k,) = check_top_k(k, counts.shape[1])
-    check_alpha(alpha)
-    lower, upper = (torch.from_numpy(b) for b in simuem_bounds(counts, alpha))
-    order = counts.argsort(dim=1, descending=True, stable=True)  # (B, c)
-    inside, outside = order[:, :k], order[:, k:]
-    separated = (
-        lower.gather(1, inside).min(dim=1).values > upper.gather(1, outside).max(dim=1).values
-    )  # (B,)
-    return torch.where(separated[:, None], inside, torch.full_like(inside, -1))

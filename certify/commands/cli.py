@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from certify.countfile import read_counts, write_atomic
-from certify.radius import certified_radius
-from certify.report import configure_report, run_report
+from certify.commands.countfile import read_counts, write_atomic
+from certify.commands.report import configure_report, run_report
+from certify.math.radius import certified_radius
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict", "certify")
 

@@ -21,12 +21,13 @@ import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Dataset
 
-from certify.outputs import RESULTS, CertifyOutput, data_identity
-from certify.radius import certified_radius
-from certify.report import write_report
-from certify.settings import CertifySettingsError, check_settings
-from certify.smoothing import DEFAULT_BATCH_SIZE, SmoothedClassifier
-from certify.validation import check_autocast, check_compile, check_sigma
+from certify.commands.outputs import RESULTS, CertifyOutput, data_identity
+from certify.commands.report import write_report
+from certify.commands.settings import CertifySettingsError, check_settings
+from certify.math.radius import certified_radius
+from certify.math.validation import check_sigma, check_top_k, default_top_k
+from certify.sampling.options import check_autocast, check_compile
+from certify.sampling.smoothing import DEFAULT_BATCH_SIZE, SmoothedClassifier
 
 
 def file_sha256(path: str | Path) -> str:
@@ -247,22 +248,18 @@ class CertifyingTrainer(pl.Trainer):
         Returns:
             True when every selected example is certified and the report is written.
         """
-        from certify.checkpoints import load_network_weights
+        from certify.commands.checkpoints import load_network_weights
 
         check_settings(
             n, alpha, bounds, split, skip, max_examples, batch_size, sigma, autocast,
             seed=seed, k=k, output_dir=output_dir,
         )  # fmt: skip
+        num_classes = int(model.num_classes)
         try:
             sigma = check_sigma(float(model.sigma) if sigma is None else sigma)
+            top_k = check_top_k(k if k is not None else default_top_k(num_classes), num_classes)
         except ValueError as err:
             raise CertifySettingsError(str(err)) from None
-        num_classes = int(model.num_classes)
-        top_k = tuple(k) if k else tuple(v for v in (1, 3, 5) if v < num_classes)
-        if any(not 1 <= v < num_classes for v in top_k):
-            raise CertifySettingsError(
-                f"every k must satisfy 1 <= k < num_classes = {num_classes}, got {list(top_k)}"
-            )
         arch = getattr(model, "hparams", {}).get("arch")
         if ckpt_path is None and getattr(model, "hparams", {}).get("weights") is None:
             raise CertifySettingsError(

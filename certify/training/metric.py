@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from certify.math.validation import check_top_k
+
 # Radii are summed in fixed point (units of 2^-32) so that the sum, and with it the average
 # certified radius, is exactly the same whatever the order of summation: on one process or
 # split across many, in any batch composition. The resolution (2.3e-10) is far below any
@@ -87,8 +89,7 @@ class CertifiedTopKAccuracy(Metric):
     def __init__(self, top_k: Sequence[int], radii: Sequence[float], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         top_k, radii = tuple(top_k), tuple(float(r) for r in radii)
-        if not top_k or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in top_k):
-            raise ValueError(f"top_k must be a non-empty sequence of integers >= 1, got {top_k!r}")
+        top_k = check_top_k(top_k, None, name="top_k")
         if not radii or any(not r >= 0 for r in radii):
             raise ValueError(f"radii must be a non-empty sequence of numbers >= 0, got {radii!r}")
         self.top_k, self.radii = top_k, radii

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import betainccinv, betaincinv
 
-from certify.validation import check_alpha, check_counts, check_labels
+from certify.math.validation import check_alpha, check_counts, check_labels
 
 BOUNDS = ("simuem", "binocp")
 

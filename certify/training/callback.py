@@ -19,11 +19,18 @@ import torch
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from certify.metric import CertifiedTopKAccuracy
-from certify.smoothing import SmoothedClassifier
-from certify.validation import check_alpha, check_autocast, check_bounds, check_seed, check_sigma
-
-DEFAULT_TOP_K = (1, 3, 5)
+from certify.math.validation import (
+    check_alpha,
+    check_bounds,
+    check_int,
+    check_seed,
+    check_sigma,
+    check_top_k,
+    default_top_k,
+)
+from certify.sampling.options import check_autocast
+from certify.sampling.smoothing import SmoothedClassifier
+from certify.training.metric import CertifiedTopKAccuracy
 
 
 class CertificationCallback(pl.Callback):
@@ -67,17 +74,15 @@ class CertificationCallback(pl.Callback):
         autocast: str | None = None,
     ) -> None:
         super().__init__()
-        for name, value, low in (("n", n, 1), ("every_n_epochs", every_n_epochs, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if num_examples is not None and (not isinstance(num_examples, int) or num_examples < 1):
-            raise ValueError(f"num_examples must be None or an integer >= 1, got {num_examples!r}")
+        check_int(n, "n")
+        check_int(every_n_epochs, "every_n_epochs")
+        check_int(num_examples, "num_examples", optional=True)
+        check_int(batch_size, "batch_size", optional=True)
+        check_int(examples_per_call, "examples_per_call")
         if not radii or any(not float(r) >= 0 for r in radii):
             raise ValueError(f"radii must be numbers >= 0, got {radii!r}")
-        for name, value in (("batch_size", batch_size), ("examples_per_call", examples_per_call)):
-            bad = isinstance(value, bool) or not isinstance(value, int) or value < 1
-            if value is not None and bad:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if top_k is not None:
+            check_top_k(top_k, None, name="top_k")
         check_seed(seed)
         self.top_k = None if top_k is None else tuple(top_k)
         self.radii = tuple(float(r) for r in radii)
@@ -105,14 +110,11 @@ class CertificationCallback(pl.Callback):
             raise ValueError(
                 "CertificationCallback needs a module with `net` and an integer `num_classes`"
             )
-        if self.top_k is None:
-            self.top_k = tuple(k for k in DEFAULT_TOP_K if k < num_classes)
-        bad = [k for k in self.top_k if not isinstance(k, int) or not 1 <= k < num_classes]
-        if not self.top_k or bad or len(set(self.top_k)) != len(self.top_k):
-            raise ValueError(
-                f"CertificationCallback: the k values must be distinct and satisfy 1 <= k < "
-                f"num_classes = {num_classes}, got top_k = {list(self.top_k)}"
-            )
+        self.top_k = check_top_k(
+            default_top_k(num_classes) if self.top_k is None else self.top_k,
+            num_classes,
+            name="CertificationCallback top_k",
+        )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage not in ("fit", "validate"):

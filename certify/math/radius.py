@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from scipy.special import log_ndtr, ndtri
 
-from certify.bounds import _lower, _unique_apply, _upper
-from certify.validation import (
+from certify.math.bounds import _lower, _unique_apply, _upper
+from certify.math.validation import (
     check_alpha,
     check_bounds,
     check_counts,

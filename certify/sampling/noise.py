@@ -21,8 +21,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from certify.normal_kernel import normal_kernel
-
 NOISE_CHUNK = 128  #: samples per noise chunk on a CPU
 #: Off the CPU every chunk costs a kernel launch (about 10 us of host time, longer than the
 #: GPU takes to draw a small chunk), so chunks are longer there: up to this many samples ...
@@ -119,37 +117,22 @@ class ChunkNoise:
     into rows ``row .. row + length - 1`` of ``noisy``, the sampler's buffer.
 
     The noise is drawn in the buffer's memory order (channels-last: ``(rows, H, W, C)``). The
-    chunk is torch's ``normal_(0, sigma)`` from a generator seeded by ``chunk_seeds``; on a
-    CPU, float32, the same numbers come from ``certify.normal_kernel`` where it is in use.
+    chunk is torch's ``normal_(0, sigma)`` from a generator seeded by ``chunk_seeds``.
 
     Args:
         noisy: ``(rows, *shape)`` noise buffer; ``sigma``: the noise level.
         seed: base seed; ``ids``: the inputs' example ids; ``chunks``: chunks per input.
-        use_kernel: ``False`` keeps torch's ``normal_`` (the benchmark's comparison).
     """
 
-    def __init__(
-        self, noisy: torch.Tensor, sigma: float, seed: int, ids, chunks: int, use_kernel=True
-    ):
+    def __init__(self, noisy: torch.Tensor, sigma: float, seed: int, ids, chunks: int):
         flat = noisy.permute(0, 2, 3, 1) if not noisy.is_contiguous() else noisy
         self.flat, self.sigma = flat, sigma
         self.seeds = chunk_seeds([stream_seed(seed, i) for i in ids], chunks)  # (B, chunks)
         self.generator = torch.Generator(device=flat.device)
-        self.kernel = None
-        if flat.device.type == "cpu" and flat.dtype == torch.float32 and flat.is_contiguous():
-            self.kernel = normal_kernel() if use_kernel else None  # (torch draws a
-            # non-contiguous tensor element by element: other numbers than the kernel's)
-        self.per_sample = flat[0].numel()
-        self.address = flat.data_ptr()  # the kernel writes rows of the buffer at raw addresses
 
     def __call__(self, b: int, j: int, row: int, length: int) -> None:
-        seed, values = int(self.seeds[b, j]), length * self.per_sample
-        if self.kernel is not None and values >= 16:
-            start = self.address + 4 * row * self.per_sample  # float32: 4 bytes a value
-            self.kernel.at(start, values, seed, 0.0, self.sigma)
-        else:
-            self.generator.manual_seed(seed)
-            self.flat[row : row + length].normal_(0.0, self.sigma, generator=self.generator)
+        self.generator.manual_seed(int(self.seeds[b, j]))
+        self.flat[row : row + length].normal_(0.0, self.sigma, generator=self.generator)
 
 
 def add_inputs(noisy, owner, x, offsets, runs: list[list[int]]) -> None:

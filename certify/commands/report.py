@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from certify.countfile import write_atomic
-from certify.metric import CertifiedTopKAccuracy
+from certify.commands.countfile import write_atomic
+from certify.training.metric import CertifiedTopKAccuracy
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 METADATA = "certify.json"

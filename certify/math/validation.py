@@ -1,13 +1,15 @@
-"""Argument checks shared by the certification code: one ``ValueError`` naming the bad value."""
+"""Argument checks: one home for each rule, one ``ValueError`` naming the bad value.
+
+The math, the sampler, the callback, the ``certify`` command and the training CLI all check
+their k values, integers, seeds and levels here.
+"""
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 
 def to_numpy(x) -> np.ndarray:
@@ -15,47 +17,6 @@ def to_numpy(x) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     return np.asarray(x)
-
-
-#: Reduced precisions of the sampler's forward pass by name (``None``: the model's own).
-AUTOCAST_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def check_autocast(autocast: str | None) -> torch.dtype | None:
-    """The dtype named by ``autocast`` (``"bf16"``, ``"fp16"`` or ``None``)."""
-    if not isinstance(autocast, (str, type(None))) or autocast not in AUTOCAST_DTYPES:
-        raise ValueError(f"autocast must be 'bf16' or 'fp16', got {autocast!r}")
-    return AUTOCAST_DTYPES[autocast]
-
-
-def check_compile(device: torch.device | str) -> None:
-    """Raise ``ValueError`` (one line) if ``torch.compile`` cannot build code for ``device``.
-
-    Compiles a tiny function with inductor's caches off, so that a missing C++ compiler (CPU)
-    or Triton (GPU) shows up before a run writes anything, not at its first batch.
-    """
-    import torch._inductor.config as inductor_config
-
-    device = torch.device(device)
-
-    def probe(t: torch.Tensor) -> torch.Tensor:
-        return t * 2 + 1
-
-    # Without caches inductor builds in a temporary directory; on failure it logs a warning
-    # that names the directory it keeps. Our one-line error says what matters.
-    quiet = logging.getLogger("torch._inductor.utils")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        with inductor_config.patch(force_disable_caches=True):
-            torch.compile(probe, dynamic=False)(torch.ones(8, device=device))
-    except Exception as err:  # BackendCompilerFailed, InvalidCxxCompiler, missing Triton...
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        reason = lines[0] if lines else type(err).__name__
-        message = f"compile is on but torch.compile fails on {device.type}: {reason}"
-        raise ValueError(message) from None
-    finally:
-        quiet.setLevel(level)
 
 
 #: The smallest failure probability accepted: SciPy's Beta quantiles (``betaincinv``) go wrong
@@ -116,17 +77,44 @@ def check_labels(labels, batch: int, num_classes: int) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def check_top_k(top_k: int | Sequence[int], num_classes: int) -> tuple[int, ...]:
+#: The k values certified when none are given (those below the number of classes).
+DEFAULT_TOP_K = (1, 3, 5)
+
+
+def default_top_k(num_classes: int) -> tuple[int, ...]:
+    """``DEFAULT_TOP_K`` without the k values a ``num_classes``-label problem cannot have."""
+    return tuple(k for k in DEFAULT_TOP_K if k < num_classes)
+
+
+def check_int(value, name: str, low: int = 1, optional: bool = False) -> int | None:
+    """``value`` as an int if it is an integer (not a bool) ``>= low``; ``None`` if optional."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def check_top_k(
+    top_k: int | Sequence[int], num_classes: int | None, name: str = "k"
+) -> tuple[int, ...]:
+    """Distinct integers with ``1 <= k < num_classes`` (``num_classes=None``: ``k >= 1`` only).
+
+    ``name`` is how the caller's user knows the setting (``k``, ``top_k``, ``model.top_k``).
+    """
     ks = (top_k,) if isinstance(top_k, (int, np.integer)) else tuple(top_k)
+    prefix = "" if name == "k" else f"{name}: "
     if not ks:
-        raise ValueError("top_k must name at least one k")
+        raise ValueError(f"{prefix}at least one k is needed")
     for k in ks:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-            raise ValueError(f"k must be an integer, got {k!r}")
-        if not 1 <= k < num_classes:
-            raise ValueError(f"k must satisfy 1 <= k < c = {num_classes}, got k = {k}")
+            raise ValueError(f"{prefix}k must be an integer, got {k!r}")
+        if num_classes is None and k < 1:
+            raise ValueError(f"{prefix}k must be >= 1, got k = {k}")
+        if num_classes is not None and not 1 <= k < num_classes:
+            raise ValueError(f"{prefix}k must satisfy 1 <= k < c = {num_classes}, got k = {k}")
     if len(set(ks)) != len(ks):
-        raise ValueError(f"the k values must be distinct, got {[int(k) for k in ks]}")
+        raise ValueError(f"{prefix}the k values must be distinct, got {[int(k) for k in ks]}")
     return tuple(int(k) for k in ks)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from certify.countfile import format_counts, write_atomic
+from certify.commands.countfile import format_counts, write_atomic
 
 METADATA = "certify.json"
 RESULTS = "certify.tsv"

@@ -1,0 +1,7 @@
+"""The mathematics of certification, free of Lightning: bounds, Theorem 1's radius, PREDICT.
+
+- ``bounds``: exact one-sided Clopper-Pearson bounds, the SimuEM and BinoCP estimators.
+- ``radius``: ``certified_radius`` from counts, ``radius_from_bounds`` from given bounds.
+- ``prediction``: ``top_k_set``, the smoothed top-k label set or an abstention.
+- ``validation``: the argument checks every part of the project shares.
+"""

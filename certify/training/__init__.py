@@ -1,0 +1,5 @@
+"""What runs while training: the certified top-k accuracy metric and the Lightning callback.
+
+- ``metric``: ``CertifiedTopKAccuracy``, a torchmetrics metric with exact DDP reduction.
+- ``callback``: ``CertificationCallback``, certified accuracy after validation epochs.
+"""
