@@ -285,6 +285,7 @@ class CertifyingTrainer(pl.Trainer):
             "checkpoint_sha256": None if ckpt_path is None else file_sha256(ckpt_path),
             "channels_last": bool(channels_last), "data": data_identity(datamodule),
             "noise_device": self.strategy.root_device.type,
+            "noise_purpose": "certify",
         }  # fmt: skip
         if autocast is not None or compile:  # recorded when on, as since they were added
             metadata.update(autocast=autocast, compile=bool(compile))

@@ -12,10 +12,17 @@ the confidence bounds assume. For n = 100,000 (782 chunks) that happens to one i
 14,000, for n = 1,000,000 to one in 140. A chunk whose seed repeats the low 32 bits of an
 earlier chunk of the same input is therefore seeded by ``mix64(s) >> 1`` of its seed s
 instead, until they are new (``chunk_seeds``). Other chunks keep ``seed_of_chunk``.
+
+Streams also have a purpose (``PURPOSES``): ``"certify"`` for certificates (the streams above),
+``"validation"`` for the live certification while training and ``"selection"`` for the
+samples that choose labels before others bound them. The purpose is hashed into the stream's
+key, so the same seed and example give unrelated noise for two purposes: the samples that
+chose a checkpoint or a label set are never the samples that certify it.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -37,14 +44,32 @@ def mix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
-def stream_seed(seed: int, example_id: int) -> int:
-    """The part of ``chunk_seed`` shared by all chunks of one input."""
-    return mix64(mix64(seed & _MASK64) ^ (example_id & _MASK64))
+#: What noise streams are for, and the 64-bit tag each mixes into its key (none: "certify").
+PURPOSES = {
+    "certify": None,
+    "validation": int.from_bytes(hashlib.sha256(b"topk-smoothing validation").digest()[:8]),
+    "selection": int.from_bytes(hashlib.sha256(b"topk-smoothing selection").digest()[:8]),
+}
 
 
-def chunk_seed(seed: int, example_id: int, chunk: int) -> int:
+def check_purpose(purpose: str) -> str:
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose must be one of {', '.join(PURPOSES)}, got {purpose!r}")
+    return purpose
+
+
+def stream_seed(seed: int, example_id: int, purpose: str = "certify") -> int:
+    """The part of ``chunk_seed`` shared by all chunks of one input's stream."""
+    key = mix64(seed & _MASK64)
+    tag = PURPOSES[check_purpose(purpose)]
+    if tag is not None:
+        key = mix64(key ^ tag)
+    return mix64(key ^ (example_id & _MASK64))
+
+
+def chunk_seed(seed: int, example_id: int, chunk: int, purpose: str = "certify") -> int:
     """Seed of one chunk of one input's noise stream (a 63-bit integer)."""
-    return int(chunk_seeds([stream_seed(seed, example_id)], chunk + 1)[0, chunk])
+    return int(chunk_seeds([stream_seed(seed, example_id, purpose)], chunk + 1)[0, chunk])
 
 
 def seed_of_chunk(stream: int, chunk: int) -> int:
@@ -122,12 +147,16 @@ class ChunkNoise:
     Args:
         noisy: ``(rows, *shape)`` noise buffer; ``sigma``: the noise level.
         seed: base seed; ``ids``: the inputs' example ids; ``chunks``: chunks per input.
+        purpose: the streams' purpose (``PURPOSES``).
     """
 
-    def __init__(self, noisy: torch.Tensor, sigma: float, seed: int, ids, chunks: int):
+    def __init__(
+        self, noisy: torch.Tensor, sigma: float, seed: int, ids, chunks: int, purpose="certify"
+    ):
         flat = noisy.permute(0, 2, 3, 1) if not noisy.is_contiguous() else noisy
         self.flat, self.sigma = flat, sigma
-        self.seeds = chunk_seeds([stream_seed(seed, i) for i in ids], chunks)  # (B, chunks)
+        streams = [stream_seed(seed, i, purpose) for i in ids]
+        self.seeds = chunk_seeds(streams, chunks)  # (B, chunks)
         self.generator = torch.Generator(device=flat.device)
 
     def __call__(self, b: int, j: int, row: int, length: int) -> None:

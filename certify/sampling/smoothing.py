@@ -27,7 +27,7 @@ from certify.math.validation import (
     check_top_k,
 )
 from certify.sampling.batching import LabelForward, auto_batch_size
-from certify.sampling.noise import ChunkNoise, add_inputs, noise_chunk
+from certify.sampling.noise import ChunkNoise, add_inputs, check_purpose, noise_chunk
 from certify.sampling.packing import capacity, plan
 
 #: A typical batch size, for callers planning how many inputs to pass per call; the sampler
@@ -136,6 +136,7 @@ class SmoothedClassifier:
         batch_size: int | None = None,
         seed: int | None = None,
         example_ids: Sequence[int] | torch.Tensor | None = None,
+        purpose: str = "certify",
     ) -> torch.Tensor:
         """Count the base classifier's predictions on ``n`` noisy copies of each input.
 
@@ -149,6 +150,9 @@ class SmoothedClassifier:
                 ``(seed, example_id)``; without one, a seed is drawn from torch's global RNG.
             example_ids: ``(B,)`` integer ids naming the inputs' noise streams (e.g. their
                 dataset indices); defaults to ``0..B-1``.
+            purpose: what the samples are for (``certify.sampling.noise.PURPOSES``):
+                ``"certify"``, ``"validation"`` (the callback) or ``"selection"`` (samples
+                that choose labels); the same seed and id give unrelated noise for each.
 
         Returns:
             ``(B, num_classes)`` int64 counts on the model's device; every row sums to n.
@@ -158,6 +162,7 @@ class SmoothedClassifier:
         batch_size = check_int(batch_size, "batch_size", optional=True)
         ids = self._example_ids(example_ids, x.shape[0])
         seed = check_seed(seed)
+        check_purpose(purpose)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         noise_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -176,13 +181,14 @@ class SmoothedClassifier:
                 )
             chunk = noise_chunk(x.device, x.shape[1:])
             batch_size = min(batch_size, x.shape[0] * n)  # no buffer beyond the call's needs
-            return self._sample(x, n, batch_size, seed, ids, chunk)
+            return self._sample(x, n, batch_size, seed, ids, chunk, purpose)
         finally:
             self.model.train(was_training)
 
     def _sample(
-        self, x: torch.Tensor, n: int, batch_size: int, seed: int, ids: list[int], chunk: int
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, n: int, batch_size: int, seed: int, ids: list[int], chunk: int,
+        purpose: str,
+    ) -> torch.Tensor:  # fmt: skip
         """The sampling loop (model in eval mode, inference mode on); see ``sampling.packing``.
 
         ``chunk``: samples per noise chunk (``noise_chunk``; part of the counts' identity).
@@ -193,7 +199,7 @@ class SmoothedClassifier:
         noisy = self._forward.buffer(rows, x.shape[1:], x.dtype, device)  # (rows, *shape)
         owner = torch.empty(rows, dtype=torch.int64, device=device)  # (rows,) b * c
         ones = torch.ones(batch_size, dtype=torch.int64, device=device)  # (batch_size,)
-        draw = ChunkNoise(noisy, self.sigma, seed, ids, chunks=-(-n // chunk))
+        draw = ChunkNoise(noisy, self.sigma, seed, ids, -(-n // chunk), purpose)
         # Rows whose input is yet to be added: runs [input, first row, end row] that follow
         # each other in the buffer (added together, before anything can overwrite them).
         runs: list[list[int]] = []
@@ -252,8 +258,11 @@ class SmoothedClassifier:
         batch_size: int | None = None,
         seed: int | None = None,
         example_ids: Sequence[int] | torch.Tensor | None = None,
+        purpose: str = "certify",
     ) -> torch.Tensor:
         """Certified top-k radius of ``labels`` for every k (CERTIFY of the paper).
+
+        ``purpose``: the noise streams' purpose (``sample_counts``).
 
         Returns:
             float64 ``(B, len(top_k))`` on the CPU; NaN where the label is not certified.
@@ -263,7 +272,7 @@ class SmoothedClassifier:
         check_bounds(bounds)
         x = self._check_inputs(x)
         labels = torch.from_numpy(check_labels(labels, x.shape[0], self.num_classes))  # (B,)
-        counts = self.sample_counts(x, n, batch_size, seed, example_ids)
+        counts = self.sample_counts(x, n, batch_size, seed, example_ids, purpose)
         return certified_radius(counts.cpu(), labels, top_k, self.sigma, alpha, bounds)
 
     def predict(

@@ -227,6 +227,7 @@ class CertificationCallback(pl.Callback):
                 batch_size=self.batch_size,
                 seed=self.seed,
                 example_ids=chunk.tolist(),
+                purpose="validation",  # never the streams `certify` uses for the same seed
             )  # (b, K)
             metric.update(radii)
         return metric
