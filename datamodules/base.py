@@ -9,11 +9,14 @@ at stable indices (certification picks a fixed subset by index).
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from pytorch_lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 
 class ArrayDataset(Dataset):
@@ -30,6 +33,59 @@ class ArrayDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.images[index], int(self.labels[index])  # (C, H, W), int
+
+
+class DataSplitError(ValueError):
+    """A validation split the data cannot give (one-line message)."""
+
+
+def holdout_split(
+    labels: Sequence[int], seed: int, size: int = 0, per_class: int = 0, classes=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted ``(train, val)`` indices: ``size`` examples, or ``per_class`` of every class, drawn
+    with ``seed`` for validation; the rest for training. ``classes`` names the labels.
+
+    Raises:
+        DataSplitError: the split would leave no training example (of some class).
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    if size:
+        if size >= len(labels):
+            raise DataSplitError(
+                f"val_size {size} leaves none of the {len(labels)} training images"
+            )
+        val = rng.permutation(len(labels))[:size]
+    else:
+        val = []
+        for label in np.unique(labels):
+            members = np.flatnonzero(labels == label)
+            if per_class >= len(members):
+                name = repr(classes[label]) if classes is not None else int(label)
+                raise DataSplitError(
+                    f"class {name} has {len(members)} training images: val_per_class "
+                    f"{per_class} leaves none for training (lower data.val_per_class)"
+                )
+            val.append(rng.permutation(members)[:per_class])
+        val = np.concatenate(val) if val else np.zeros(0, dtype=np.int64)
+    val = np.sort(val).astype(np.int64)
+    train = np.setdiff1d(np.arange(len(labels)), val)
+    return train, val
+
+
+def with_transform(dataset: Dataset, transform) -> Dataset:
+    """A shallow copy of a torchvision dataset (same files, same arrays) with another transform."""
+    other = copy.copy(dataset)
+    other.transform = transform
+    return other
+
+
+def split_off_validation(train_set: Dataset, eval_transform, labels, seed: int, **amount):
+    """``(train, val)`` subsets of ``train_set``: the validation images are seen with
+    ``eval_transform`` and never trained on (``holdout_split``)."""
+    train, val = holdout_split(labels, seed, classes=getattr(train_set, "classes", None), **amount)
+    evaluated = with_transform(train_set, eval_transform)
+    return Subset(train_set, train.tolist()), Subset(evaluated, val.tolist())
 
 
 def require_dir(path: str | Path, what: str) -> Path:

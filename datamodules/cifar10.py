@@ -8,7 +8,8 @@ from torchvision import transforms
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import check_integrity
 
-from datamodules.base import ImageClassificationDataModule, require_dir
+from certify.math.validation import check_int
+from datamodules.base import ImageClassificationDataModule, require_dir, split_off_validation
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # Cohen et al.'s normalisation constants
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
@@ -48,13 +49,20 @@ def check_cifar10_files(root: Path, verify_md5: bool) -> None:
 
 
 class CIFAR10DataModule(ImageClassificationDataModule):
-    """CIFAR-10: train on the 50k training images, validate and test on the 10k test images.
+    """CIFAR-10: train and validate on the 50k training images, test on the 10k test images.
 
-    Training images get a random 32x32 crop (padding 4) and a horizontal flip; evaluation
-    images are untouched. No ``Normalize``: tensors stay in [0, 1] and the model normalises.
+    ``val_size`` training images (drawn with ``split_seed``) are held out for validation: model
+    selection and live certification never see the test split. ``val_size: 0`` trains on all
+    50k images, as the published recipes do, and then validates on the test split.
+
+    Training images get a random 32x32 crop (padding 4) and a horizontal flip; validation and
+    test images are untouched. No ``Normalize``: tensors stay in [0, 1] and the model
+    normalises.
 
     Args:
         data_dir: the folder holding ``cifar-10-batches-py/``.
+        val_size: training images held out for validation (0: validate on the test split).
+        split_seed: seed of the choice of validation images.
         download: fetch the archive into ``data_dir`` if missing (needs the network).
         verify_md5: check the files against torchvision's md5 sums of the official archive at
             start-up. Turn off only for a copy made on purpose (the parsing is the same).
@@ -71,11 +79,16 @@ class CIFAR10DataModule(ImageClassificationDataModule):
         data_dir: str = "data/cifar10",
         download: bool = False,
         verify_md5: bool = True,
+        val_size: int = 5000,
+        split_seed: int = 0,
         batch_size: int = 256,
         num_workers: int = 4,
     ) -> None:
         super().__init__(batch_size, num_workers)
         self.save_hyperparameters()
+        self.val_size, self.split_seed = check_int(val_size, "val_size", low=0), split_seed
+        if val_size >= 50_000:
+            raise ValueError(f"val_size {val_size} leaves none of the 50000 training images")
         self.root = Path(data_dir).expanduser()
         self.download = download
         self.verify_md5 = verify_md5
@@ -96,8 +109,14 @@ class CIFAR10DataModule(ImageClassificationDataModule):
                 transforms.ToTensor(),
             ]
         )
-        if stage in (None, "fit"):
-            self.train_dataset = UncheckedCIFAR10(self.root, train=True, transform=train_tf)
-        self.val_dataset = self.test_dataset = UncheckedCIFAR10(
-            self.root, train=False, transform=transforms.ToTensor()
+        evaluation = transforms.ToTensor()
+        self.test_dataset = UncheckedCIFAR10(self.root, train=False, transform=evaluation)
+        if not self.val_size:
+            self.val_dataset = self.test_dataset
+            if stage in (None, "fit"):
+                self.train_dataset = UncheckedCIFAR10(self.root, train=True, transform=train_tf)
+            return
+        train_set = UncheckedCIFAR10(self.root, train=True, transform=train_tf)
+        self.train_dataset, self.val_dataset = split_off_validation(
+            train_set, evaluation, train_set.targets, self.split_seed, size=self.val_size
         )

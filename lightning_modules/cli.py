@@ -33,7 +33,7 @@ from certify.commands.settings import CertifySettingsError
 from certify.commands.settings import check_settings as check_certify_settings
 from certify.math.validation import check_top_k
 from certify.training.callback import CertificationCallback
-from datamodules.base import ImageClassificationDataModule
+from datamodules.base import DataSplitError, ImageClassificationDataModule
 from lightning_modules.module import NoisyClassifier
 
 #: ``--ckpt_path`` values that Lightning resolves itself (keywords, model registry).
@@ -48,6 +48,10 @@ USER_ERRORS = (ValueError, OSError, MisconfigurationException)
 
 class StartupError(Exception):
     """A user mistake found before anything runs: reported in one line, exit status 2."""
+
+
+#: Mistakes reported in one line wherever they are found (start-up, data setup, certify).
+ONE_LINE_ERRORS = (StartupError, CertifySettingsError, CheckpointError, OutputError, DataSplitError)
 
 
 def one_line(error: BaseException | str) -> str:
@@ -284,7 +288,13 @@ def main(argv: list[str]) -> int:
         logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
     try:
         TopkLightningCLI(args=list_options(list(argv), ("--k",)))
-    except (StartupError, CertifySettingsError, CheckpointError, OutputError) as err:
+    except (
+        StartupError,
+        CertifySettingsError,
+        CheckpointError,
+        OutputError,
+        DataSplitError,
+    ) as err:
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except OSError as err:  # a full or read-only disk, missing or unreadable data files

@@ -4,11 +4,17 @@ Every batch gets fresh noise N(0, sigma^2 I) in [0, 1] pixel space; the network'
 normalises, so the noise is never added after normalisation. The same noise level is used on
 the validation and test inputs, so the logged accuracies are those of the base classifier f
 under the noise its smoothed version g will be certified with.
+
+Noise comes from the module's own generators, one per process: with DDP every process adds
+its own noise to its share of the batch (seeded from the run's seed and the process's global
+rank). Training noise continues across checkpoints (every process's generator state is saved
+and restored); validation and test noise restart from the same seed at every epoch.
 """
 
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,10 +31,18 @@ from certify.math.validation import check_sigma, check_top_k
 from lightning_modules.models import build_network
 
 RNG_KEY = "rng_states"
+#: The streams of the module's noise generators, mixed with the run's seed and the rank.
+NOISE_STREAMS = {"train": 0, "eval": 1}
+
+
+def noise_seed(run_seed: int, rank: int, stream: str) -> int:
+    """Seed of a process's noise generator: distinct for every run seed, rank and stream."""
+    words = np.random.SeedSequence([run_seed, rank, NOISE_STREAMS[stream]]).generate_state(2)
+    return int(words[0]) | int(words[1]) << 32
 
 
 def rng_states() -> dict[str, Any]:
-    """The states of every random number generator that training draws from.
+    """The states of the global random number generators of this process.
 
     Plain tensors, lists and numbers only, so that ``torch.load(weights_only=True)`` reads them.
     """
@@ -52,6 +66,15 @@ def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
+
+
+def all_processes(states: dict[str, Any]) -> list[dict[str, Any]]:
+    """``states`` of every process of a distributed run, by global rank (``[states]`` alone)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [states]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, states)
+    return gathered
 
 
 class NoisyClassifier(LightningModule):
@@ -108,7 +131,8 @@ class NoisyClassifier(LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.val_metrics = self._accuracies("val/")
         self.test_metrics = self._accuracies("test/")
-        self._resume_rng: dict[str, Any] | None = None
+        self._noise: dict[str, torch.Generator] = {}
+        self._resume_rng: list[dict[str, Any]] | None = None
 
     def _accuracies(self, prefix: str) -> MetricCollection:
         return MetricCollection(
@@ -124,8 +148,22 @@ class NoisyClassifier(LightningModule):
         return self.net(x)  # (B, num_classes)
 
     def add_noise(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` plus fresh N(0, sigma^2) noise, in pixel space and in x's (float) dtype."""
-        return x + self.sigma * torch.randn_like(x)  # (B, C, H, W)
+        """``x`` plus fresh N(0, sigma^2) noise, in pixel space and in x's (float) dtype.
+
+        In training mode the noise comes from this process's training generator, otherwise
+        from its evaluation generator (``NOISE_STREAMS``).
+        """
+        generator = self._generator("train" if self.training else "eval", x.device)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return x + self.sigma * noise  # (B, C, H, W)
+
+    def _generator(self, stream: str, device: torch.device) -> torch.Generator:
+        generator = self._noise.get(stream)
+        if generator is None or generator.device != device:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(noise_seed(torch.initial_seed(), self.global_rank, stream))
+            self._noise[stream] = generator
+        return generator
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         x, y = batch  # (B, C, H, W), (B,)
@@ -159,16 +197,41 @@ class NoisyClassifier(LightningModule):
             scheduler["monitor"] = "val/loss"
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
+    # Evaluation noise restarts every epoch: the same inputs get the same noise each time.
+    def on_validation_epoch_start(self) -> None:
+        self._noise.pop("eval", None)
+
+    def on_test_epoch_start(self) -> None:
+        self._noise.pop("eval", None)
+
     # Exact resume: the noise, the shuffling and dropout continue where the checkpoint left off.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[RNG_KEY] = rng_states()
+        """Save the random states of every process (``checkpoint["rng_states"][rank]``)."""
+        states = rng_states()
+        if "train" in self._noise:
+            states["noise"] = self._noise["train"].get_state()
+        checkpoint[RNG_KEY] = all_processes(states)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._resume_rng = checkpoint.get(RNG_KEY)
+        saved = checkpoint.get(RNG_KEY)
+        self._resume_rng = [saved] if isinstance(saved, dict) else saved
 
     def on_fit_start(self) -> None:
         # Before the first training batches are drawn (Lightning isolates the sanity check's
         # random numbers, and creates the first epoch's loader iterator before on_train_start).
-        if self._resume_rng is not None:
-            set_rng_states(self._resume_rng)
-            self._resume_rng = None
+        self._noise.clear()  # a new fit starts the streams from the run's seed
+        saved, self._resume_rng = self._resume_rng, None
+        if not saved:
+            return
+        rank, world = self.global_rank, self.trainer.world_size
+        if len(saved) != world and rank == 0:
+            print(
+                f"note: the checkpoint holds the random states of {len(saved)} process(es), "
+                f"this run has {world}: training continues, but not as an uninterrupted run "
+                "would",
+                file=sys.stderr,
+            )
+        states = saved[rank % len(saved)]
+        set_rng_states(states)
+        if "noise" in states and len(saved) == world:
+            self._generator("train", self.device).set_state(states["noise"])

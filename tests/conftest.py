@@ -132,12 +132,12 @@ def cifar10_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def imagenet_root(tmp_path_factory):
-    """A tiny ImageFolder tree of JPEGs: ``train/`` (6 classes x 2) and ``val/`` (6 x 1)."""
+    """A tiny ImageFolder tree of JPEGs: ``train/`` (6 classes x 3) and ``val/`` (6 x 1)."""
     from PIL import Image
 
     root = tmp_path_factory.mktemp("imagenet")
     rng = np.random.default_rng(0)
-    for split, per_class in (("train", 2), ("val", 1)):
+    for split, per_class in (("train", 3), ("val", 1)):
         for cls in ("n01440764", "n01443537", "n01484850", "n01491361", "n01494475", "n01496331"):
             folder = root / split / cls
             folder.mkdir(parents=True)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from datamodules import CIFAR10DataModule, DigitsDataModule, ImageNetDataModule
+from datamodules.base import DataSplitError
 from datamodules.cifar10 import UncheckedCIFAR10
 
 
@@ -56,13 +57,17 @@ def test_cifar10_reads_torchvision_files(cifar10_root):
     torchvision's own code. The md5 check itself is exercised by the next test.
     """
     root, images, labels = cifar10_root
-    dm = CIFAR10DataModule(data_dir=str(root), verify_md5=False, batch_size=4, num_workers=0)
+    dm = CIFAR10DataModule(
+        data_dir=str(root), verify_md5=False, val_size=0, batch_size=4, num_workers=0
+    )
     assert dm.num_classes == 10 and dm.mean == (0.4914, 0.4822, 0.4465)
     dm.setup("fit")
-    assert isinstance(dm.val_dataset, UncheckedCIFAR10) and dm.val_dataset.classes[0] == "airplane"
-    assert len(dm.train_dataset) == 20 and len(dm.val_dataset) == len(dm.test_dataset) == 12
+    assert isinstance(dm.test_dataset, UncheckedCIFAR10)
+    assert dm.test_dataset.classes[0] == "airplane"
+    assert dm.val_dataset is dm.test_dataset  # val_size 0: the published recipe
+    assert len(dm.train_dataset) == 20 and len(dm.test_dataset) == 12
     for i in (0, 11):
-        image, label = dm.val_dataset[i]
+        image, label = dm.test_dataset[i]
         assert image.shape == (3, 32, 32) and type(label) is int and label == labels[i]
         torch.testing.assert_close(image, torch.from_numpy(images[i]).float() / 255)
     x, y = next(iter(dm.train_dataloader()))
@@ -81,10 +86,13 @@ def test_cifar10_checks_md5_and_missing_files(cifar10_root, tmp_path):
 
 
 def test_imagenet_folder_tree(imagenet_root):
-    dm = ImageNetDataModule(data_dir=str(imagenet_root), batch_size=3, num_workers=0)
+    dm = ImageNetDataModule(
+        data_dir=str(imagenet_root), val_per_class=0, batch_size=3, num_workers=0
+    )
     assert dm.num_classes == 6 and dm.classes[0] == "n01440764"
     dm.setup("fit")
-    assert len(dm.train_dataset) == 12 and len(dm.val_dataset) == 6
+    assert len(dm.train_dataset) == 18 and len(dm.val_dataset) == 6
+    assert dm.val_dataset is dm.test_dataset  # val_per_class 0: the published recipe
     image, label = dm.val_dataset[5]
     assert image.shape == (3, 224, 224) and type(label) is int and label == 5
     assert 0 <= image.min() and image.max() <= 1
@@ -106,3 +114,47 @@ def test_imagenet_missing_or_inconsistent_tree(imagenet_root, tmp_path):
     dm = ImageNetDataModule(data_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="ImageNet val folder '.*val': Found no valid file"):
         dm.setup("test")
+
+
+def test_cifar10_validation_images_are_held_out_training_images(cifar10_root):
+    """``val_size`` training images, unaugmented, never trained on; test is the test split."""
+    root, test_images, _ = cifar10_root
+    common = dict(data_dir=str(root), verify_md5=False, batch_size=4, num_workers=0)
+    dm = CIFAR10DataModule(val_size=8, **common)
+    dm.setup("fit")
+    training_files = UncheckedCIFAR10(root, train=True)  # (20, 32, 32, 3) uint8, unshuffled
+    val, train = dm.val_dataset.indices, dm.train_dataset.indices
+    assert len(val) == 8 and len(train) == 12
+    assert sorted(val + train) == list(range(20))  # disjoint, together all training images
+    for i, index in enumerate(val):
+        image, label = dm.val_dataset[i]  # the evaluation transform: the image as it is
+        expected = torch.from_numpy(training_files.data[index]).permute(2, 0, 1).float() / 255
+        torch.testing.assert_close(image, expected, rtol=0, atol=0)
+        assert label == training_files.targets[index]
+    test = {bytes(image.tobytes()) for image in test_images}
+    assert not test & {training_files.data[i].transpose(2, 0, 1).tobytes() for i in val}
+    assert len(dm.test_dataset) == 12 and not dm.test_dataset.train
+    again = CIFAR10DataModule(val_size=8, **common)
+    again.setup("validate")
+    assert again.val_dataset.indices == val  # a fixed choice (split_seed)
+    other = CIFAR10DataModule(val_size=8, split_seed=1, **common)
+    other.setup("fit")
+    assert other.val_dataset.indices != val
+    with pytest.raises(ValueError, match="val_size 50000 leaves none of the 50000"):
+        CIFAR10DataModule(val_size=50_000, **common)
+
+
+def test_imagenet_validation_images_come_from_train_folder(imagenet_root):
+    dm = ImageNetDataModule(data_dir=str(imagenet_root), val_per_class=1, num_workers=0)
+    dm.setup("fit")
+    val_files = [dm.val_dataset.dataset.samples[i][0] for i in dm.val_dataset.indices]
+    train_files = [dm.train_dataset.dataset.samples[i][0] for i in dm.train_dataset.indices]
+    assert len(val_files) == 6 and len(train_files) == 12 and not set(val_files) & set(train_files)
+    assert all("/train/" in path for path in val_files + train_files)
+    labels = [dm.val_dataset[i][1] for i in range(6)]
+    assert labels == list(range(6))  # one per class
+    torch.testing.assert_close(dm.val_dataset[2][0], dm.val_dataset[2][0])  # no augmentation
+    assert all("/val/" in path for path, _ in dm.test_dataset.samples)
+    too_many = ImageNetDataModule(data_dir=str(imagenet_root), val_per_class=3, num_workers=0)
+    with pytest.raises(DataSplitError, match="class 'n01440764' has 3 training images"):
+        too_many.setup("fit")
