@@ -191,3 +191,39 @@ def test_autocast_reaches_the_samplers_forward_passes_only():
     )  # fmt: skip
     trainer.validate(model, data)
     assert seen == {(False, None), (True, torch.bfloat16)}
+
+
+def test_callback_noise_is_never_the_noise_certify_uses(digits_checkpoint):
+    """For the same seed and examples, the callback samples the "validation" streams: its
+    numbers are those of ``certify(..., purpose="validation")`` and not of the streams that
+    ``topk-smoothing certify`` uses, so choosing a checkpoint by them does not reuse the
+    final certificate's noise."""
+    from certify import SmoothedClassifier
+    from certify.training.metric import CertifiedTopKAccuracy
+
+    model = NoisyClassifier.load_from_checkpoint(digits_checkpoint, weights=None)
+    data = DigitsDataModule(batch_size=64)
+    callback = CertificationCallback(top_k=[1, 3], n=300, num_examples=20, seed=7)
+    trainer = pl.Trainer(
+        callbacks=[callback], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, accelerator="cpu", devices=1,
+    )  # fmt: skip
+    trainer.validate(model, data)
+    live = callback.certify_share(trainer, model).compute()
+
+    items = [data.val_dataset[int(i)] for i in callback.indices]
+    x = torch.stack([image for image, _ in items])  # (20, 1, 8, 8)
+    labels = torch.tensor([label for _, label in items])  # (20,)
+    smoothed = SmoothedClassifier(model.net, 10, model.sigma)
+    ids = callback.indices.tolist()
+    acr = {}
+    for purpose in ("validation", "certify"):
+        counts = smoothed.sample_counts(x, 300, seed=7, example_ids=ids, purpose=purpose)
+        radii = smoothed.certify(x, labels, (1, 3), 300, 0.001, seed=7, example_ids=ids,
+                                 purpose=purpose)  # fmt: skip
+        metric = CertifiedTopKAccuracy((1, 3), callback.radii)
+        metric.update(radii)
+        acr[purpose] = (counts, metric.compute())
+    assert all(torch.equal(live[key], acr["validation"][1][key]) for key in live)
+    assert not torch.equal(acr["validation"][0], acr["certify"][0])  # other noise, other counts
+    assert live["acr_top1"] != acr["certify"][1]["acr_top1"]

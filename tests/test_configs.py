@@ -8,6 +8,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.strategies import DDPStrategy
 
+from certify import CertificationCallback
 from lightning_modules import NoisyClassifier, NormalizeLayer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -51,6 +52,9 @@ def check_common(cli) -> None:
     checkpoints = [cb for cb in cli.trainer.callbacks if isinstance(cb, ModelCheckpoint)]
     assert [cb.monitor for cb in checkpoints] == ["val/acc_top1", None]  # best and latest
     assert cli.trainer.checkpoint_callback.mode == "max"
+    (live,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, CertificationCallback)]
+    assert live.num_examples is not None and live.n <= 1000  # cheap enough to run while training
+    live.check_module(model)  # its k values fit the model's classes
 
 
 @pytest.mark.parametrize("name", SHIPPED)

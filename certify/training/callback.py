@@ -19,6 +19,7 @@ import torch
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
+from certify.commands.report import markdown_table
 from certify.math.validation import (
     check_alpha,
     check_bounds,
@@ -44,7 +45,8 @@ class CertificationCallback(pl.Callback):
         bounds: ``"simuem"`` or ``"binocp"``.
         batch_size: noisy samples per forward pass (``None``: the sampler's choice).
         num_examples: how many validation examples (evenly spread, the same every epoch);
-            ``None`` certifies all of them.
+            ``None`` certifies all of them (costly on a large split: the whole test set is
+            for ``topk-smoothing certify``).
         every_n_epochs: certify after every n-th training epoch (and always in ``validate``).
         last_epoch: also certify after the last training epoch.
         sigma: noise level; ``None`` uses the module's training ``sigma``.
@@ -64,7 +66,7 @@ class CertificationCallback(pl.Callback):
         alpha: float = 0.001,
         bounds: str = "simuem",
         batch_size: int | None = None,
-        num_examples: int | None = None,
+        num_examples: int | None = 500,
         every_n_epochs: int = 1,
         last_epoch: bool = True,
         sigma: float | None = None,
@@ -97,6 +99,7 @@ class CertificationCallback(pl.Callback):
         self.indices: np.ndarray | None = None
         self.dataset = None
         self.last_seconds: float | None = None
+        self.last_table: tuple | None = None  # (accuracy (K, R), acr (K,), fit epoch or None)
         self.fit_seconds: float | None = None  # the last fit: wall time, all epochs
         self.certify_seconds = 0.0  # ... of which certifying
         self._fit_start: float | None = None
@@ -167,6 +170,7 @@ class CertificationCallback(pl.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         if trainer.global_rank == 0:
+            self.print_table()
             print(
                 f"Certification took {self.certify_seconds:.1f} s of the {self.fit_seconds:.1f} s "
                 f"fit ({share:.0%}): {self.certify_seconds / epochs:.2f} s per epoch of "
@@ -196,6 +200,24 @@ class CertificationCallback(pl.Callback):
         pl_module.log_dict({f"val/{key}": value.float() for key, value in values.items()})
         pl_module.log("val/certify_seconds", seconds, reduce_fx="max", sync_dist=True)
         self._log_curve(trainer, metric, values)
+        accuracy, acr = metric.compute_table()
+        epoch = trainer.current_epoch if trainer.state.fn == "fit" else None
+        self.last_table = (accuracy.cpu().numpy(), acr.cpu().numpy(), epoch)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "validate" and trainer.global_rank == 0:
+            self.print_table()
+
+    def print_table(self) -> None:
+        """Print the last certified top-k accuracy table (k by radius, with the ACR)."""
+        if self.last_table is None:
+            return
+        accuracy, acr, epoch = self.last_table
+        description = (
+            f"smoothed classifier, {len(self.indices)} validation examples, n = {self.n}, "
+            f"alpha = {self.alpha:g}" + ("" if epoch is None else f", epoch {epoch}")
+        )
+        print(markdown_table(self.top_k, self.radii, accuracy, acr, description), end="")
 
     def certify_share(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
         """Certify this process's share of the examples into a fresh metric."""
