@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU session's checks, in one go: the CUDA tests of the sampler, then the sampler benchmark
-# with the default options, with the fast ones, and with torch.compile (digits CNN only).
+# The GPU checks in one go: the CUDA tests of the sampler, then the sampler benchmark with the
+# default options, with the fast ones, and with torch.compile (digits CNN only).
 #
 #   bash benchmarks/gpu_check.sh OUTDIR ["MODELS"] ["NS"]     # LIMIT=S: seconds per benchmark
 #
