@@ -41,7 +41,7 @@ def tuning(monkeypatch):
     batching.clear_batch_size_cache()
 
 
-# ----------------------------------------------------------------- training (issue 3)
+# ----------------------------------------------------------------------------- training
 CONFIGS = REPO / "configs"
 CIFAR10_CLASSES = [
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
