@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
 import functools
 import math
 import os
 import platform
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass
 
@@ -213,8 +215,37 @@ def one_input_per_batch(model, x, n: int, batch_size: int, sigma: float, num_cla
     return np.stack(results)  # (B, c)
 
 
+#: glibc's malloc settings that keep freed memory in the process (``docs/performance.md``).
+MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+#: Any of these set by the user: the allocator is theirs, the benchmark leaves it alone.
+MALLOC_VARIABLES = (*MALLOC_SETTINGS, "GLIBC_TUNABLES")
+
+
+def malloc_settings() -> str:
+    """glibc's malloc variables of this process, in words (``"glibc defaults"`` if none)."""
+    found = [f"{name}={os.environ[name]}" for name in MALLOC_VARIABLES if name in os.environ]
+    return " ".join(found) or "glibc defaults"
+
+
+def commit() -> str:
+    """The checkout's commit (``-dirty`` with uncommitted changes), or ``"unknown"``."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
+
+
 def machine(device: torch.device) -> dict[str, str]:
-    """The machine in words: CPU model and cores, GPU, torch and Python versions."""
+    """What a measurement ran on: date, commit, CPU and cores, GPU, torch and Python versions,
+    and on a CPU glibc's malloc settings."""
     cpu = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -223,6 +254,8 @@ def machine(device: torch.device) -> dict[str, str]:
     except OSError:
         pass
     info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit(),
         "cpu": cpu,
         "cores": str(os.cpu_count()),
         "torch_threads": str(torch.get_num_threads()),
@@ -230,6 +263,8 @@ def machine(device: torch.device) -> dict[str, str]:
         "python": platform.python_version(),
         "device": str(device),
     }
+    if device.type == "cpu":
+        info["malloc"] = malloc_settings()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -239,39 +274,35 @@ def machine(device: torch.device) -> dict[str, str]:
 def noise_cost(
     forward: LabelForward, shape, batch: int, sigma: float, seconds: float = 10.0
 ) -> dict:
-    """On a CPU, what (b) pays per batch on top of (a)'s forward pass, batch by batch.
+    """On a CPU, what drawing a batch's noise costs against the batch's forward pass.
 
-    Each pass draws the noise of a full batch (``batch`` samples in chunks of the sampler,
-    through its own ``ChunkNoise``: the compiled kernel where it is in use), then runs the
-    forward pass on it; then the same with torch's ``normal_``. Alternating within every
-    pass, the machine's drift cancels. Returns median milliseconds per batch.
+    (a) runs on pre-made inputs; (b) also draws the noise (torch's ``normal_``, ``batch``
+    samples in the sampler's chunks, each seeded, through its own ``ChunkNoise``). Noise and
+    forward pass alternate, so a drift of the machine's speed hits both alike. Returns median
+    milliseconds per batch: ``{"noise", "forward", "batch"}``.
     """
     chunk = noise_chunk("cpu", shape)
     chunks = max(1, batch // chunk)
     buffer = forward.buffer(chunks * chunk, shape, torch.float32, "cpu")
     draw = ChunkNoise(buffer, sigma, 0, range(chunks), chunks=1)
-    torch_normal = ChunkNoise(buffer, sigma, 0, range(chunks), chunks=1)
-    times: dict[str, list[float]] = {"noise": [], "torch_normal": [], "forward": []}
+    times: dict[str, list[float]] = {"noise": [], "forward": []}
     start = time.perf_counter()
     while len(times["forward"]) < 5 or time.perf_counter() - start < seconds:
-        for key, drawer in (("noise", draw), ("torch_normal", torch_normal)):
-            t = time.perf_counter()
-            for b in range(chunks):
-                drawer(b, 0, b * chunk, chunk)
-            times[key].append(time.perf_counter() - t)
-            t = time.perf_counter()
-            forward.labels(buffer)
-            times["forward"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for b in range(chunks):
+            draw(b, 0, b * chunk, chunk)
+        times["noise"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        forward.labels(buffer)
+        times["forward"].append(time.perf_counter() - t)
     cost = {key: 1e3 * statistics.median(v) for key, v in times.items()}
-    cost["batch"], cost["drawer"] = chunks * chunk, "torch normal_"
+    cost["batch"] = chunks * chunk
     return cost
 
 
 def noise_line(cost: dict) -> str:
-    forward = cost["forward"]
     return (
-        f"noise per batch of {cost['batch']}: {cost['noise']:.2f} ms ({cost['drawer']}), "
-        f"{cost['torch_normal']:.2f} ms with torch's normal_; forward pass {forward:.2f} ms: "
-        f"noise {100 * cost['noise'] / forward:.1f} % of it "
-        f"({100 * cost['torch_normal'] / forward:.1f} % with normal_)"
+        f"noise per batch of {cost['batch']}: {cost['noise']:.2f} ms (torch's normal_), "
+        f"forward pass {cost['forward']:.2f} ms: noise {100 * cost['noise'] / cost['forward']:.1f}"
+        " % of it"
     )

@@ -1,4 +1,4 @@
-"""Sampler throughput against the base model's own forward pass (issue 6).
+"""Sampler throughput against the base model's own forward pass.
 
 For every model, on one device and one batch size, the script measures:
 
@@ -15,8 +15,15 @@ measures (a) in increasing batch size, (c), (b), then (c) and (a) again in rever
 round's (a) and (c) are the means of their two measurements, taken symmetrically around (b),
 so that a linear drift of the machine's speed cancels out of (b)/(a) and (b)/(c).
 Throughputs are the best of ``--repeats`` rounds, and each ratio is the median over rounds of
-the ratio within a round, so that a machine whose speed drifts between rounds (a shared VM)
-does not decide it.
+the ratio within a round, so that a machine whose speed drifts between rounds (a shared
+virtual machine) does not decide it. On a CPU the script first prints what drawing one batch's
+noise costs against its forward pass.
+
+On a CPU the script runs with glibc's malloc keeping freed memory in the process
+(``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824``, see
+docs/performance.md): it starts itself again with these variables when none of glibc's malloc
+variables is set. ``--default-malloc`` measures glibc's defaults instead. The JSON records the
+date, the commit, the machine and the malloc settings.
 
     python benchmarks/sampler_throughput.py                       # CPU: digits CNN, ResNet-20/110
     python benchmarks/sampler_throughput.py --device cuda         # + ResNet-50 at 224x224
@@ -29,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -42,6 +50,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
+    MALLOC_SETTINGS,
+    MALLOC_VARIABLES,
     MODELS,
     clean_run,
     forward_rate,
@@ -84,6 +94,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--tries", type=int, default=4, help="CPU: tries per measurement to get one without load"
     )
     parser.add_argument("--skip-radius", action="store_true", help="skip (d)")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="CPU: keep glibc's default malloc settings (see the module docstring)",
+    )
     parser.add_argument("--json", type=Path, help="output (default benchmarks/results/...)")
     return parser.parse_args(argv)
 
@@ -115,7 +130,9 @@ def bench_model(name: str, args, device: torch.device) -> list[dict]:
         + ", ".join(f"{b}: {r:,.0f}/s" for b, r in sweep.items()),
         flush=True,
     )
-    cost = noise_cost(smoothed._forward, spec.shape, batch, SIGMA) if device.type == "cpu" else None
+    cost = None
+    if device.type == "cpu":
+        cost = noise_cost(smoothed._forward, spec.shape, batch, SIGMA, 10 * args.seconds)
     if cost is not None:
         print("  " + noise_line(cost), flush=True)
     rows = []
@@ -222,9 +239,22 @@ def _best_of_rounds(args, device, smoothed, spec, x, n, sizes, batch):
 
 
 def _paired_ratio(top: list[float], bottom: list[float]) -> float:
-    """Median over rounds of ``top[r] / bottom[r]``: measured seconds apart, so a machine
-    whose speed drifts (a shared VM: +-20 % from one second to the next) cancels out."""
+    """Median over rounds of ``top[r] / bottom[r]``: measured seconds apart, so the drift of a
+    machine whose speed changes from one second to the next (a shared virtual machine's can
+    reach 20 %) cancels out."""
     return statistics.median(t / b for t, b in zip(top, bottom, strict=True))
+
+
+def restart_with_malloc_settings(args) -> None:
+    """On a glibc CPU run, start this script again with ``MALLOC_SETTINGS`` in its environment
+    (glibc reads them only at start-up), unless ``--default-malloc`` or the user set any of
+    glibc's malloc variables. Returns only where nothing is to be done."""
+    if args.default_malloc or torch.device(args.device).type != "cpu":
+        return
+    if any(name in os.environ for name in MALLOC_VARIABLES) or platform.libc_ver()[0] != "glibc":
+        return
+    sys.stdout.flush()
+    os.execve(sys.executable, sys.orig_argv, {**os.environ, **MALLOC_SETTINGS})
 
 
 def _sampler_rate(smoothed, x, n, batch_size, batch, device) -> float:
@@ -341,4 +371,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    restart_with_malloc_settings(parse_args())  # the command line's own process only
     main()

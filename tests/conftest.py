@@ -43,7 +43,7 @@ def tuning(monkeypatch):
     batching.clear_batch_size_cache()
 
 
-# ----------------------------------------------------------------- training (issue 3)
+# ----------------------------------------------------------------------------- training
 CONFIGS = REPO / "configs"
 
 

@@ -19,6 +19,7 @@ import torch
 from certify.commands.cli import main as console_main
 from lightning_modules.cli import main
 from lightning_modules.models import build_backbone, build_network
+from tests.messages import assert_names
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "configs" / "digits.yaml")
@@ -82,8 +83,8 @@ BAD_CHECKPOINTS = {
     "not_a_checkpoint": ("cannot be read",),
     "no_weights": ("holds no state_dict",),
     "missing": ("does not exist",),
-    "text": ("cannot be read: KeyError: 101",),
-    "empty": ("cannot be read: EOFError",),
+    "text": ("cannot be read: ",),  # then torch.load's own reason, in its words
+    "empty": ("cannot be read: ",),
     "directory": ("is a directory, not a checkpoint file",),
     "keyword_prefix": ("does not exist",),
 }
@@ -125,7 +126,6 @@ def test_cohen_checkpoint_is_for_certify_only(isolated_run, capsys, checkpoints,
     ("args", "message"),
     [
         (["--n", "0"], "n must be an integer >= 1, got 0"),
-        (["--n", "1.5"], 'Parser key "n"'),
         (["--alpha", "0"], "alpha must lie strictly between 0 and 1, got 0.0"),
         (["--alpha", "1"], "alpha must lie strictly between 0 and 1, got 1.0"),
         (["--k", "0"], "k must be >= 1, got k = 0"),
@@ -136,10 +136,7 @@ def test_cohen_checkpoint_is_for_certify_only(isolated_run, capsys, checkpoints,
         (["--max_examples", "0"], "max_examples must be an integer >= 1, got 0"),
         (["--batch_size", "0"], "batch_size must be an integer >= 1, got 0"),
         (["--sigma", "-0.25"], "sigma must be a finite number > 0, got -0.25"),
-        (["--sigma", "nan"], 'Parser key "sigma"'),
-        (["--seed", "x"], 'Parser key "seed"'),
         (["--autocast", "fp8"], "autocast must be 'bf16' or 'fp16', got 'fp8'"),
-        (["--compile", "maybe"], 'Parser key "compile"'),
         (["--seed", str(2**64)], f"seed must lie in 0 .. 2**64 - 1, got {2**64}"),
         (["--k", "1", "1"], "the k values must be distinct, got [1, 1]"),
         (["--k=[]"], "at least one k is needed"),
@@ -152,6 +149,22 @@ def test_impossible_certify_settings(isolated_run, capsys, checkpoints, args, me
     assert main(argv) == 2
     assert_only_line(capsys.readouterr().err, "certify", message)
     assert not Path("out").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("n", "1.5"), ("sigma", "nan"), ("seed", "x"), ("compile", "maybe")]
+)
+def test_certify_values_of_the_wrong_type(isolated_run, capsys, checkpoints, option, value):
+    """A value the option's type cannot take (found by the command-line parser, whose wording
+    is its own): exit status 2, one line naming the option and the value, nothing written."""
+    ckpt = str(checkpoints["cohen_digits"])
+    argv = ["certify", "--config", DIGITS, "--ckpt_path", ckpt, *QUIET, *CERTIFY]
+    assert main([*argv, f"--{option}", value]) == 2
+    captured = capsys.readouterr()
+    assert_only_line(captured.err, "certify")
+    assert_names(captured.err, option, value)
+    assert captured.out == ""
+    assert not Path("out").exists() and not Path("runs").exists()
 
 
 def test_certify_refuses_random_weights(isolated_run, capsys):
@@ -206,7 +219,6 @@ def test_report_rejections(tmp_path, capsys):
         ([good, "--radii", "-1"], "radii must be finite numbers >= 0, got [-1.0]"),
         ([good, "--radii", "nan"], "radii must be finite numbers >= 0, got [nan]"),
         ([good, "--n", "0"], "n must be an integer >= 1, got 0"),
-        ([good, "--n", "many"], "argument --n: invalid int value: 'many'"),
         ([good, "--output-dir", str(tmp_path / "a_file")], "a_file"),
         (
             [write("k0.tsv", "idx\tradius_top0\n0\t0.5\n"), "--output-dir", str(tmp_path / "r")],
@@ -218,6 +230,11 @@ def test_report_rejections(tmp_path, capsys):
         captured = capsys.readouterr()
         assert_only_line(captured.err, "report", message)
         assert captured.out == ""
+    assert console_main(["report", good, "--n", "many"]) == 2  # the parser's own wording
+    captured = capsys.readouterr()
+    assert_only_line(captured.err, "report")
+    assert_names(captured.err, "--n", "many")
+    assert captured.out == ""
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".tsv")) == ["a_file"]
 
 

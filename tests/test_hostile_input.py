@@ -3,8 +3,9 @@
 The parser and the command are fuzzed with hypothesis (random bytes and text, huge numbers,
 unicode digits and spaces, blank lines, Windows and old-Mac line ends). Whatever comes in, the
 parser either returns a well-formed table or raises ``CountFileError`` (a ``ValueError``) with a
-one-line message, and ``main`` returns 0 or 2, never raises, writes one line to stderr on
-failure and leaves no output (or temporary) file behind. The runs are derandomised, so the
+one-line message, and ``main`` never raises, returns 0 exactly when the file and every
+argument are valid and 2 otherwise, writes one line to stderr on failure and leaves no output
+(or temporary) file behind. The runs are derandomised, so the
 suite is reproducible; raise ``max_examples`` locally for a deeper search.
 
 ``SmoothedClassifier`` must reject wrong shapes, non-float dtypes, NaN/inf inputs and labels
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import tempfile
 from pathlib import Path
 
@@ -166,11 +168,49 @@ KS = st.lists(
 )
 
 
+def number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def integer(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def radius_should_succeed(counts_path, sigma, alpha, ks, bounds, output) -> bool:
+    """Whether ``radius`` must succeed, from its documented rules alone: the file parses
+    (``read_counts``, fuzzed above), sigma is a finite number > 0, alpha lies in [1e-100, 1),
+    the k are distinct integers with 1 <= k < c, the bounds are known and the output is a
+    file in an existing directory (or stdout)."""
+    try:
+        counts, _ = read_counts(counts_path)
+    except (CountFileError, OSError):
+        return False
+    s, a, k = number(sigma), number(alpha), [integer(t) for t in ks]
+    return (
+        s is not None
+        and math.isfinite(s)
+        and s > 0
+        and a is not None
+        and 1e-100 <= a < 1
+        and all(v is not None and 1 <= v < counts.shape[1] for v in k)
+        and len(set(k)) == len(k)
+        and bounds in ("simuem", "binocp")
+        and output in (None, "out.tsv")
+    )
+
+
 def test_radius_command_never_crashes():
-    """``main(["radius", ...])`` on any file and arguments: returns 0 or 2 and never raises;
-    on 2, stderr is one line "topk-smoothing radius: error: ..." and no output file or
-    temporary file is left; on 0, the TSV has a header and one row per count row. Half the
-    examples use valid arguments, so that both outcomes come up often (checked at the end)."""
+    """``main(["radius", ...])`` on any file and arguments: never raises, returns 0 exactly when
+    the file and every argument are valid (``radius_should_succeed``) and 2 otherwise; on 2,
+    stderr is one line "topk-smoothing radius: error: ..." and no output file or temporary file
+    is left; on 0, the TSV has a header and one row per count row. Half the examples use valid
+    arguments, so that both outcomes come up often (checked at the end)."""
     outcomes = []
 
     @FUZZ
@@ -208,6 +248,7 @@ def test_radius_command_never_crashes():
                 counts_path.write_bytes(content)
             (tmp / "existing_dir").mkdir()
             before = set(tmp.rglob("*"))
+            valid = radius_should_succeed(counts_path, sigma, alpha, ks, bounds, output)
             argv = ["radius", str(counts_path), "--sigma", sigma, "--alpha", alpha, "--k", *ks]
             argv += ["--bounds", bounds]
             if output is not None:
@@ -215,7 +256,7 @@ def test_radius_command_never_crashes():
             stdout, stderr = io.StringIO(), io.StringIO()
             with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
                 status = main(argv)
-            assert status in (0, 2)
+            assert status == (0 if valid else 2), (argv, stderr.getvalue())
             if status == 2:
                 err = stderr.getvalue()
                 assert err.startswith("topk-smoothing radius: error: "), err

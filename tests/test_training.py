@@ -11,6 +11,8 @@ import yaml
 
 from lightning_modules import NoisyClassifier
 from lightning_modules.cli import main
+from tests.messages import assert_names
+from tests.wandb_records import history
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -18,8 +20,49 @@ DIGITS = str(CONFIGS / "digits.yaml")
 SHORT = ["--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2"]
 
 
-def test_fast_dev_run_fit_on_digits(isolated_run):
-    assert main(["fit", "--config", DIGITS, "--trainer.fast_dev_run", "true"]) == 0
+def test_fit_writes_checkpoints_config_and_metrics(isolated_run):
+    """`topk-smoothing fit` as the console runs it: one short epoch, then the test of the best
+    checkpoint. The run's folder holds both checkpoints and its config.yaml; the offline W&B run
+    holds the training, validation, certification and test metrics."""
+    import wandb
+
+    config = yaml.safe_load(Path(DIGITS).read_text())
+    for callback in config["trainer"]["callbacks"]:  # a cheaper certification, same callback
+        if callback["class_path"] == "certify.CertificationCallback":
+            callback["init_args"].update(n=100, num_examples=12)
+    Path("digits.yaml").write_text(yaml.safe_dump(config))
+    args = ["--trainer.max_epochs", "1", "--trainer.limit_test_batches", "2", *SHORT]
+    args += ["--trainer.log_every_n_steps", "1"]
+    try:
+        assert main(["fit", "--config", "digits.yaml", *args]) == 0
+    finally:
+        wandb.finish()  # flush the offline run file, as the end of a process does
+        wandb.teardown()
+    (run_dir,) = Path("runs", "topk-smoothing-digits").iterdir()
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["best-epoch000.ckpt", "last.ckpt"]
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 0 and last["global_step"] == 3  # limit_train_batches: 3 steps
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())  # the resolved config
+    assert saved["trainer"]["max_epochs"] == 1
+    assert saved["trainer"]["limit_train_batches"] == 3
+    assert saved["model"]["init_args"]["arch"] == "digits_cnn"
+    assert {p.name for p in Path(".").iterdir()} <= {"digits.yaml", "runs", "torch-home"} | {
+        p.name for p in Path(".").glob(".wandb-*")
+    }  # everything the run wrote is under runs/
+
+    (run_file,) = Path("runs", "wandb").glob("offline-run-*/run-*.wandb")
+    rows = history(run_file)
+    (val,) = [row for row in rows if "val/acc_top1" in row]
+    (test,) = [row for row in rows if "test/acc_top1" in row]
+    (certified,) = [row for row in rows if "val/certified_top1@0" in row]  # the last epoch's
+    assert any("train/loss" in row for row in rows)
+    assert 0 <= val["val/acc_top1"] <= val["val/acc_top3"] <= 1
+    assert 0 <= test["test/acc_top1"] <= test["test/acc_top3"] <= 1
+    assert 0 <= certified["val/certified_top1@0.5"] <= certified["val/certified_top1@0"] <= 1
+    states = last["callbacks"]  # the ModelCheckpoint on val/acc_top1 kept the epoch's score
+    scores = [v["best_model_score"] for k, v in states.items() if "val/acc_top1" in k]
+    assert [float(s) for s in scores] == [pytest.approx(val["val/acc_top1"])]
 
 
 def test_fit_logs_offline_to_wandb_and_keeps_everything_under_runs(isolated_run, lightning_cli):
@@ -41,12 +84,12 @@ def test_fit_logs_offline_to_wandb_and_keeps_everything_under_runs(isolated_run,
     assert config["trainer"]["max_epochs"] == 2
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())  # reusable: no link targets
     assert saved["model"]["init_args"]["sigma"] == 0.25 and "num_classes" not in saved["model"]
+    (run_file,) = Path("runs", "wandb").glob("offline-run-*/run-*.wandb")
+    accuracy = [row["val/acc_top1"] for row in history(run_file) if "val/acc_top1" in row]
+    assert len(accuracy) == 2  # one validation per epoch
+    best = accuracy.index(max(accuracy))  # ModelCheckpoint keeps the first of equal scores
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert checkpoints == ["best-epoch001.ckpt", "last.ckpt"] or checkpoints == [
-        "best-epoch000.ckpt",
-        "last.ckpt",
-    ]
-    assert list(Path("runs", "wandb").glob("offline-run-*/run-*.wandb"))
+    assert checkpoints == [f"best-epoch{best:03d}.ckpt", "last.ckpt"]
     assert {p.name for p in Path(".").iterdir()} <= {"runs", "torch-home"} | {
         p.name for p in Path(".").glob(".wandb-*")
     }
@@ -94,10 +137,6 @@ def test_resume_from_checkpoint_is_exact(isolated_run, lightning_cli):
     [
         (["--model.sigma", "0"], "sigma must be a finite number > 0, got 0.0"),
         (["--model.sigma", "-0.5"], "sigma must be a finite number > 0, got -0.5"),
-        (
-            ["--model.sigma", "abc"],
-            "Parser key \"sigma\": Expected a <class 'float'>. Got value: abc",
-        ),
         (["--model.arch", "resnet5"], "unknown model 'resnet5'; choose one of: cifar_resnet110, "),
         (
             ["--model.arch", "resnet50", "--model.weights", "IMAGENET9"],
@@ -105,7 +144,6 @@ def test_resume_from_checkpoint_is_exact(isolated_run, lightning_cli):
         ),
         (["--model.weights", "nowhere/w.pth"], "weights file 'nowhere/w.pth' does not exist"),
         (["--ckpt_path", "missing.ckpt"], "checkpoint 'missing.ckpt' does not exist"),
-        (["--trainer.max_epochs", "many"], 'Parser key "trainer.max_epochs"'),
         (["--data.batch_size", "0"], "batch_size must be >= 1, got 0"),
     ],
 )
@@ -114,6 +152,21 @@ def test_bad_settings_fail_at_start_up_in_one_line(isolated_run, capsys, args, m
     err = capsys.readouterr().err
     assert err.startswith("topk-smoothing fit: error: ") and err.count("\n") == 1
     assert message in err
+
+
+@pytest.mark.parametrize(
+    ("option", "name", "value"),
+    [("model.sigma", "sigma", "abc"), ("trainer.max_epochs", "trainer.max_epochs", "many")],
+)
+def test_values_of_the_wrong_type_fail_at_start_up(isolated_run, capsys, option, name, value):
+    """Found by the command-line parser (whose wording is its own): exit status 2, one line
+    naming the option and the value, nothing written."""
+    assert main(["fit", "--config", DIGITS, f"--{option}", value]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("topk-smoothing fit: error: ")
+    assert captured.err.count("\n") == 1
+    assert_names(captured.err, name, value)
+    assert captured.out == "" and not Path("runs").exists()
 
 
 @pytest.mark.parametrize("config", ["cifar10_resnet110.yaml", "imagenet_resnet50.yaml"])
