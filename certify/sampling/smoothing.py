@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from certify.math.prediction import top_k_set
+from certify.math.prediction import certified_prediction, select_top_k, top_k_set
 from certify.math.radius import certified_radius
 from certify.math.validation import (
     check_alpha,
@@ -300,3 +300,42 @@ class SmoothedClassifier:
         check_alpha(alpha)
         counts = self.sample_counts(x, n, batch_size, seed, example_ids).cpu()
         return top_k_set(counts, k, alpha)
+
+    def predict_certified(
+        self,
+        x: torch.Tensor,
+        k: int,
+        n0: int,
+        n: int,
+        alpha: float,
+        batch_size: int | None = None,
+        seed: int | None = None,
+        example_ids: Sequence[int] | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-k label set with a certified radius for each label, or an abstention.
+
+        ``n0`` samples of the selection streams choose the k labels (``select_top_k``); where
+        they single out k labels, ``n`` fresh samples of the certify streams bound them
+        (``certified_prediction``). With probability >= 1 - alpha an answer is the smoothed
+        top-k set and each label l stays in it for every perturbation of l2 norm < its radius.
+
+        Returns:
+            ``(labels (B, k) int64, radii (B, k) float64)`` on the CPU; -1 and NaN = abstain.
+        """
+        (k,) = check_top_k(k, self.num_classes)
+        check_alpha(alpha)
+        check_int(n, "n")
+        x = self._check_inputs(x)
+        ids = torch.tensor(self._example_ids(example_ids, x.shape[0]))  # (B,)
+        seed = check_seed(seed)
+        if seed is None:  # both samples from the same streams' seed
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        selection = self.sample_counts(x, n0, batch_size, seed, ids, "selection").cpu()
+        _, separated = select_top_k(selection, k)  # (B,)
+        counts = torch.zeros_like(selection)  # (B, c); rows without a selection are not read
+        if separated.any():
+            rows = separated.to(x.device)
+            counts[separated] = self.sample_counts(
+                x[rows], n, batch_size, seed, ids[separated], "certify"
+            ).cpu()
+        return certified_prediction(selection, counts, k, self.sigma, alpha)
