@@ -159,7 +159,7 @@ def test_a_folder_of_image_files(isolated_run, capsys, digits_checkpoint):
     args += ["--images", "images", "--n0", "50", "--n", "300", "--alpha", "0.01"]
     assert main(args) == 0
     out = next(Path("runs", "predict").iterdir())
-    assert out.name.endswith("_images_n050_n300_sigma0.25_k1")
+    assert out.name.endswith("_images_n0-50_n300_sigma0.25_k1")
     rows = read_table(out / "predict.tsv")
     assert rows[0] == ["idx", "file", "pred1", "radius1"]
     files = [r[1] for r in rows[1:]]

@@ -139,7 +139,7 @@ def finish_predict(output: PredictOutput, selected: list[int]) -> bool:
     if output.names is None:  # a split: how often the true label is in the answer
         truth = np.loadtxt(output.directory / PREDICTIONS, skiprows=1, usecols=1, ndmin=1)
         hit = (labels == truth[:, None]).any(axis=1) & answered
-        parts.append(f"{int(hit.sum())} with the true label among the {output.k}")
+        parts.append(f"{int(hit.sum())} of them with the true label")
     if answered.any():
         parts.append(f"median radius of pred1 {np.median(radii[answered, 0]):.4g}")
     seconds = table[:, -1]
@@ -189,7 +189,7 @@ def smoothed_predict(
         seed: base seed of the noise; each example's streams are keyed by its index.
         sigma: noise level (default: the model's training sigma).
         output_dir: where ``predict.tsv`` and ``counts.tsv`` go (default: ``runs/predict/
-            <checkpoint>_<split or folder>_n0<n0>_n<n>_sigma<sigma>_k<k>``).
+            <checkpoint>_<split or folder>_n0-<n0>_n<n>_sigma<sigma>_k<k>``).
         channels_last, autocast, compile: the sampler's options, as for ``certify``.
         trust_checkpoint: load a checkpoint that holds pickled Python objects.
 

@@ -64,7 +64,8 @@ class Weights:
 
 def default_output_dir(command: str, weights: str, what: str, **settings) -> Path:
     """``runs/<command>/<weights>_<what>_<key><value>...``, e.g.
-    ``runs/certify/abc123-last-3fa2c1d0_test_n100000_sigma0.25_k1-3-5``.
+    ``runs/certify/abc123-last-3fa2c1d0_test_n100000_sigma0.25_k1-3-5`` (``n0-100`` for a key
+    that ends in a digit).
 
     Example:
         >>> str(default_output_dir("certify", "w", "test", n=10, sigma=0.25, k=(1, 3)))
@@ -76,7 +77,7 @@ def default_output_dir(command: str, weights: str, what: str, **settings) -> Pat
             value = "-".join(str(v) for v in value)
         elif isinstance(value, float):
             value = f"{value:g}"
-        parts.append(f"{key}{value}")
+        parts.append(f"{key}-{value}" if key[-1].isdigit() else f"{key}{value}")  # n0-100
     return RUNS / command / "_".join(parts)
 
 
