@@ -103,3 +103,14 @@ def test_two_checkpoints_certified_one_after_the_other(isolated_run, capsys, dig
     assert any(name.startswith("other-") for name in folders)
     assert any(name.startswith("digits-") for name in folders)
     assert "all 3 examples are already in" in capsys.readouterr().out
+
+
+def test_a_pickled_weights_file_is_never_unpickled(tmp_path):
+    """``--model.weights`` files are state dicts, read weights only (no option lifts it): a file
+    with Python objects is refused with what to do instead."""
+    from lightning_modules.models import build_backbone, load_weights
+
+    state = build_backbone("digits_cnn", 10, 1).state_dict()
+    torch.save({"state_dict": state, "notes": argparse.Namespace(epochs=4)}, tmp_path / "w.pt")
+    with pytest.raises(ValueError, match=r"holds pickled Python objects \(argparse.Namespace\)"):
+        load_weights("digits_cnn", str(tmp_path / "w.pt"))
