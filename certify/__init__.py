@@ -7,8 +7,8 @@ Where things live:
   batch-size tuning; no Lightning.
 - ``certify.training``: the ``CertifiedTopKAccuracy`` metric and the
   ``CertificationCallback`` used while training (Lightning).
-- ``certify.commands``: the ``topk-smoothing`` console commands ``certify``, ``report`` and
-  ``radius`` (runner, output directory, settings, count files, checkpoints).
+- ``certify.commands``: the ``topk-smoothing`` console commands ``certify``, ``predict``,
+  ``report`` and ``radius`` (runners, output directories, settings, count files, checkpoints).
 
 The names below are importable from ``certify`` itself; the callback (which needs Lightning)
 is loaded only when asked for, so the math imports light.
@@ -20,7 +20,7 @@ from certify.math.bounds import (
     clopper_pearson_upper,
     simuem_bounds,
 )
-from certify.math.prediction import top_k_set
+from certify.math.prediction import certified_prediction, top_k_set
 from certify.math.radius import certified_radius, radius_from_bounds
 from certify.sampling.smoothing import SmoothedClassifier
 from certify.training.metric import CertifiedTopKAccuracy
@@ -30,6 +30,7 @@ __all__ = [
     "CertifiedTopKAccuracy",
     "SmoothedClassifier",
     "binocp_bounds",
+    "certified_prediction",
     "certified_radius",
     "clopper_pearson_lower",
     "clopper_pearson_upper",

@@ -1,4 +1,7 @@
-"""``topk-smoothing fit|validate|test|predict``: LightningCLI over the noisy classifier and data.
+"""``topk-smoothing fit|validate|test|certify|predict``: LightningCLI over the model and data.
+
+``predict`` is the smoothed classifier's (``lightning_modules.smoothing_commands``), and every
+subcommand reads checkpoints with ``weights_only=True`` unless ``--trust_checkpoint true``.
 
 ``TopkLightningCLI`` is reusable (``run=False`` builds model, datamodule and trainer from a
 config without running anything). ``main(argv)`` turns user mistakes found at start-up (a bad
@@ -21,12 +24,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from certify.commands.checkpoints import (
-    CheckpointError,
-    fitting_network_state,
-    network_state,
-    read_checkpoint,
-)
+from certify.commands.checkpoints import CheckpointError, fitting_network_state
 from certify.commands.outputs import OutputError
 from certify.commands.runner import CertifyingTrainer
 from certify.commands.settings import CertifySettingsError
@@ -35,13 +33,12 @@ from certify.math.validation import check_top_k
 from certify.training.callback import CertificationCallback
 from datamodules.base import DataSplitError, ImageClassificationDataModule
 from lightning_modules.module import NoisyClassifier
+from lightning_modules.smoothing_commands import SMOOTHING_COMMANDS, SmoothingSubcommands
 
 #: ``--ckpt_path`` values that Lightning resolves itself (keywords, model registry).
 CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 #: Attributes of the datamodule that the model receives.
 LINKED_FROM_DATA = ("num_classes", "mean", "std")
-#: Model arguments that a checkpoint's hyperparameters replace (LightningCLI reads them back).
-FROM_CHECKPOINT = ("arch", "sigma")
 #: What a class raises at instantiation for a bad setting (value, path, device choice).
 USER_ERRORS = (ValueError, OSError, MisconfigurationException)
 
@@ -51,7 +48,9 @@ class StartupError(Exception):
 
 
 #: Mistakes reported in one line wherever they are found (start-up, data setup, certify).
-ONE_LINE_ERRORS = (StartupError, CertifySettingsError, CheckpointError, OutputError, DataSplitError)
+ONE_LINE_ERRORS = (
+    StartupError, CertifySettingsError, CheckpointError, OutputError, DataSplitError
+)  # fmt: skip
 
 
 def one_line(error: BaseException | str) -> str:
@@ -105,7 +104,7 @@ class ConfigToLoggers(SaveConfigCallback):
             logger.log_hyperparams(config)
 
 
-class TopkLightningCLI(LightningCLI):
+class TopkLightningCLI(SmoothingSubcommands, LightningCLI):
     """LightningCLI with ``NoisyClassifier`` subclasses as model and any datamodule of ours.
 
     ``num_classes``, ``mean`` and ``std`` are linked from the datamodule into the model.
@@ -123,12 +122,8 @@ class TopkLightningCLI(LightningCLI):
         parser_kwargs.update(kwargs.pop("parser_kwargs", None) or {})
         super().__init__(args=args, run=run, parser_kwargs=parser_kwargs, **kwargs)
 
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        """LightningCLI's subcommands plus ``certify`` (``CertifyingTrainer.certify``)."""
-        return {**LightningCLI.subcommands(), "certify": {"model", "datamodule"}}
-
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)  # --trust_checkpoint
         for key in LINKED_FROM_DATA:
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
         parser.add_argument(
@@ -159,6 +154,8 @@ class TopkLightningCLI(LightningCLI):
                 )  # fmt: skip
             except CertifySettingsError as err:
                 raise StartupError(str(err)) from None
+        if subcommand == "predict":
+            self.check_predict_config()
         ckpt_path = self.config.get(f"{subcommand}.ckpt_path")
         keyword = ckpt_path in CKPT_KEYWORDS or str(ckpt_path).startswith("registry:")
         local = ckpt_path and not keyword and "://" not in ckpt_path
@@ -167,56 +164,33 @@ class TopkLightningCLI(LightningCLI):
         if local and not Path(ckpt_path).is_file():
             raise StartupError(f"checkpoint {ckpt_path!r} does not exist")
 
-    def _model_args(self) -> dict:
-        init = self.config.get(f"{self.config.get('subcommand')}.model.init_args")
-        return {} if init is None else {key: init.get(key) for key in FROM_CHECKPOINT}
-
-    def _parse_ckpt_path(self) -> None:
-        # Lightning reads the checkpoint's hyperparameters into the config here: a file that is
-        # not a checkpoint, or hyperparameters that do not parse, become one line. Values the
-        # checkpoint replaces are named once the start-up checks have passed.
-        before = self._model_args() if self.config.get("subcommand") else {}
-        try:
-            super()._parse_ckpt_path()
-        except Exception as err:  # noqa: BLE001 - diagnosed below, then reported in one line
-            path = self.config.get(f"{self.config.get('subcommand')}.ckpt_path")
-            try:
-                network_state(read_checkpoint(path), path, None)
-            except CheckpointError as bad:
-                raise StartupError(str(bad)) from None
-            raise StartupError(
-                f"checkpoint {path!r}: its hyperparameters cannot be read: {one_line(err)}"
-            ) from None
-        after = self._model_args() if before else {}
-        self.replaced_by_checkpoint = [
-            f"model.{key} {before[key]!r} -> {after[key]!r}"
-            for key in FROM_CHECKPOINT
-            if before.get(key) != after.get(key)
-        ]
-
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # Checks that need the built model run before the trainer prints anything.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config.get(f"{subcommand}.ckpt_path") if subcommand else None
         net = getattr(self.model, "net", None)
         if ckpt_path and net is not None and Path(ckpt_path).is_file():
+            trust = bool(self.config[subcommand].trust_checkpoint)
             try:
-                _, kind = fitting_network_state(net, ckpt_path, self.model.hparams.get("arch"))
+                arch = self.model.hparams.get("arch")
+                _, kind = fitting_network_state(net, ckpt_path, arch, trust)
             except CheckpointError as err:
                 raise StartupError(str(err)) from None
-            if kind == "cohen" and subcommand != "certify":
+            if kind == "cohen" and subcommand not in SMOOTHING_COMMANDS:
                 raise StartupError(
                     f"checkpoint {ckpt_path!r} is one of Cohen et al.'s models, not a Lightning "
-                    "checkpoint: only `topk-smoothing certify` reads it"
+                    "checkpoint: only `topk-smoothing certify` and `predict` read it"
                 )
-        if subcommand == "certify" and self.config.certify.k is not None:
+        k = self.config[subcommand].get("k") if subcommand in SMOOTHING_COMMANDS else None
+        if k is not None:
             try:
-                check_top_k(list(self.config.certify.k), int(self.model.num_classes))
+                check_top_k(k if isinstance(k, int) else list(k), int(self.model.num_classes))
             except ValueError as err:
                 raise StartupError(str(err)) from None
         replaced = getattr(self, "replaced_by_checkpoint", [])
         if replaced and rank_zero_only.rank == 0:
-            hint = "; `certify --sigma` smooths at another level" if subcommand == "certify" else ""
+            smoothing = subcommand in SMOOTHING_COMMANDS
+            hint = f"; `{subcommand} --sigma` smooths at another level" if smoothing else ""
             print(
                 f"topk-smoothing {subcommand}: note: the checkpoint's hyperparameters replace "
                 f"the config's: {', '.join(replaced)}{hint}",
@@ -261,7 +235,12 @@ class TopkLightningCLI(LightningCLI):
             return
         callback = self.trainer.checkpoint_callback  # the first ModelCheckpoint: the best epoch
         best = callback.best_model_path if callback is not None else ""
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+        self.trainer.test(
+            self.model,
+            datamodule=self.datamodule,
+            ckpt_path=best or None,
+            weights_only=not self.config.fit.trust_checkpoint,
+        )
 
 
 def list_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
@@ -279,22 +258,18 @@ def list_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    """Run ``topk-smoothing <fit|validate|test|predict> ...``; 2 on a start-up mistake."""
+    """Run ``topk-smoothing <fit|validate|test|certify|predict> ...``; 2 on a start-up mistake."""
     prog = " ".join(["topk-smoothing", *argv[:1]])
     # The seed is in the config: keep a start-up error the only line a mistake prints.
     logging.getLogger("lightning_fabric.utilities.seed").setLevel(logging.WARNING)
-    if argv[:1] == ["certify"]:  # no trainer banner: certify prints its own progress, and an
-        # output directory or resume refusal (found once the trainer exists) stays one line
+    if argv[:1] in (["certify"], ["predict"]):  # no trainer banner: they print their own
+        # progress, and an output directory or resume refusal (found once the trainer
+        # exists) stays one line
         logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+    lists = ("--k",) if argv[:1] == ["certify"] else ()  # certify's --k takes several values
     try:
-        TopkLightningCLI(args=list_options(list(argv), ("--k",)))
-    except (
-        StartupError,
-        CertifySettingsError,
-        CheckpointError,
-        OutputError,
-        DataSplitError,
-    ) as err:
+        TopkLightningCLI(args=list_options(list(argv), lists))
+    except ONE_LINE_ERRORS as err:
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except OSError as err:  # a full or read-only disk, missing or unreadable data files

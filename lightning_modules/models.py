@@ -10,6 +10,7 @@ when the number of classes differs.
 from __future__ import annotations
 
 import pickle
+import re
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -128,6 +129,12 @@ def load_weights(arch: str, weights: str) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
             reason = type(err).__name__  # torch's messages run over many lines
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err.__context__))
+            if found:  # never unpickled: save the state dict alone from a trusted session
+                reason = (
+                    f"it holds pickled Python objects ({found.group(1)}), which are not loaded; "
+                    "save the state dict alone with torch.save(model.state_dict(), path)"
+                )
             raise ValueError(
                 f"weights file {weights!r} is not a readable state dict ({reason})"
             ) from err

@@ -93,7 +93,8 @@ class NoisyClassifier(LightningModule):
         weights: pretrained weights: a torchvision weights name of ``arch`` (``IMAGENET1K_V2``,
             ``DEFAULT``) or a state dict file; ``None`` trains from scratch. To reload a trained
             checkpoint offline, pass ``weights=None`` to ``load_from_checkpoint``.
-        top_k: the k of the logged top-k accuracies ``{val,test}/acc_top{k}``.
+        top_k: the k of the logged top-k accuracies ``{val,test}/acc_top{k}``; those not below
+            ``num_classes`` are dropped (``dropped_top_k``).
         optimizer: builds the optimizer from the parameters. Default: the published recipe,
             SGD with lr 0.1, momentum 0.9 and weight decay 1e-4.
         lr_scheduler: builds the (per-epoch) LR schedule from the optimizer, or ``None``.
@@ -129,7 +130,16 @@ class NoisyClassifier(LightningModule):
                 del self.hparams[key]
         self.sigma = check_sigma(sigma)
         self.num_classes = num_classes
-        self.top_k = check_top_k(tuple(top_k), num_classes, name="model.top_k")
+        # k values the data cannot have (k >= num_classes: a fine-tuning set with few classes)
+        # are dropped; the CLI names them in a note at start-up.
+        top_k = check_top_k(tuple(top_k), None, name="model.top_k")
+        self.top_k = tuple(k for k in top_k if k < num_classes)
+        self.dropped_top_k = tuple(k for k in top_k if k >= num_classes)
+        if not self.top_k:
+            raise ValueError(
+                f"model.top_k: no k below the number of classes c = {num_classes}, got "
+                f"{list(top_k)}"
+            )
         self.net = build_network(arch, num_classes, tuple(mean), tuple(std), weights)
         self.channels_last = bool(channels_last)
         if self.channels_last:

@@ -1,13 +1,18 @@
-"""CertifiedTopKAccuracy: NumPy reference, exact DDP reduction (2 CPU processes, gloo)."""
+"""CertifiedTopKAccuracy: NumPy reference, exact DDP reduction (2 CPU processes, gloo), and
+exact sums over float64's whole range (hypothesis: 0, subnormals, 1e300, inf)."""
 
+import math
 import os
 import socket
+from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torchmetrics.utilities.data import dim_zero_sum
 
 from certify import CertifiedTopKAccuracy
@@ -81,11 +86,23 @@ def test_plot(tmp_path):
     assert (tmp_path / "curve.png").stat().st_size > 1000
 
 
-def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
+def extreme_radii(rows: int = 64) -> torch.Tensor:
+    """Radii over float64's whole range: 0, subnormals, 1e-300, ordinary, 1e300, the largest
+    float, inf and NaN, in a fixed shuffled order."""
+    values = [0.0, 5e-324, 2.2250738585072014e-308, 1e-300, 0.37, 2.5, 1e300]
+    values += [1.7976931348623157e308, math.inf, math.nan]
+    rng = np.random.default_rng(5)
+    return torch.tensor(rng.choice(values, size=(rows, len(TOP_K))), dtype=torch.float64)
+
+
+RADII_SETS = {"random": lambda: random_radii(3), "extreme": extreme_radii}
+
+
+def _ddp_worker(rank: int, world: int, port: int, queue, which: str = "random") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    radii = random_radii(3)
+    radii = RADII_SETS[which]()
     metric = CertifiedTopKAccuracy(TOP_K, RADII)
     for part in radii[rank::world].tensor_split(3):  # each rank its own, unevenly batched share
         metric.update(part)
@@ -102,12 +119,108 @@ def free_port() -> int:
 
 
 @pytest.mark.ddp
-def test_two_process_ddp_is_exactly_the_single_process_result():
+@pytest.mark.parametrize("which", sorted(RADII_SETS))
+def test_two_process_ddp_is_exactly_the_single_process_result(which):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    mp.spawn(_ddp_worker, args=(2, free_port(), queue), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), queue, which), nprocs=2, join=True)
     distributed = queue.get(timeout=60)
     single = CertifiedTopKAccuracy(TOP_K, RADII)
-    single.update(random_radii(3))
+    single.update(RADII_SETS[which]())
     expected = {key: value.item() for key, value in single.compute().items()}
-    assert distributed == expected  # bit-identical, ACR included
+    assert distributed.keys() == expected.keys()
+    for key, value in expected.items():  # bit-identical, ACR included (NaN == NaN here)
+        assert math.isnan(value) if math.isnan(distributed[key]) else distributed[key] == value
+    if which == "extreme":  # rows hold inf for every k
+        assert all(math.isinf(expected[f"acr_top{k}"]) for k in TOP_K)
+
+
+# ------------------------------------------------------------------ exact sums, any range
+SPECIAL = [0.0, -0.0, 5e-324, 1e-320, 2.2250738585072014e-308, 1e-300, 1e300]
+SPECIAL += [1.7976931348623157e308, math.inf, math.nan]
+RADIUS = st.one_of(
+    st.sampled_from(SPECIAL),
+    st.floats(min_value=0.0, allow_nan=False, allow_infinity=False),  # subnormals included
+    st.floats(min_value=0.0, max_value=10.0),
+)
+
+
+def exact_reference(radii: list[list[float]], thresholds: tuple[float, ...]):
+    """Accuracy (fractions, as the metric rounds them) and the ACR as one rounding of the exact
+    rational mean (abstentions 0; inf if some radius is inf), per column."""
+    count = len(radii)
+    columns = list(zip(*radii, strict=True))
+    accuracy = [[sum(r >= t for r in col) / count for t in thresholds] for col in columns]
+    acr = []
+    for col in columns:
+        if any(math.isinf(r) for r in col):
+            acr.append(math.inf)
+        else:
+            acr.append(
+                float(sum((Fraction(r) for r in col if not math.isnan(r)), Fraction(0)) / count)
+            )
+    return accuracy, acr
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    radii=st.lists(st.lists(RADIUS, min_size=2, max_size=2), min_size=1, max_size=40),
+    data=st.data(),
+)
+def test_exact_for_every_float64_radius_in_any_order_and_split(radii, data):
+    """The ACR is the exact mean rounded once, accuracy the exact fractions, inf counted at
+    every radius and making the ACR infinite; the same bits in any order of the radii, any
+    split into batches and any split into metrics merged as DDP merges them (state sums)."""
+    thresholds = (0.0, 1e-300, 0.5, 1e300)
+    accuracy, acr = exact_reference(radii, thresholds)
+    order = data.draw(st.permutations(range(len(radii))))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(radii)), max_size=4)))
+    tensor = torch.tensor([radii[i] for i in order], dtype=torch.float64)  # (B, 2)
+    parts = [tensor[a:b] for a, b in zip([0, *cuts], [*cuts, len(radii)], strict=True)]
+    merged = CertifiedTopKAccuracy((1, 3), thresholds)
+    for part in parts:  # each part on its own "process", merged like a DDP sum reduction
+        shard = CertifiedTopKAccuracy((1, 3), thresholds)
+        if len(part):
+            shard.update(part)
+        merged.merge_state(shard)
+    single = CertifiedTopKAccuracy((1, 3), thresholds)
+    single.update(torch.tensor(radii, dtype=torch.float64))
+    for metric in (single, merged):
+        got_accuracy, got_acr = metric.compute_table()
+        assert got_accuracy.tolist() == accuracy
+        assert got_acr.tolist() == acr  # exact: one rounding of the exact mean
+
+
+def test_two_infinite_radii_do_not_overflow():
+    metric = CertifiedTopKAccuracy((1,), (0.0, 1e308))
+    metric.update(torch.tensor([[math.inf], [math.inf], [0.5], [math.nan]]))
+    accuracy, acr = metric.compute_table()
+    assert accuracy.tolist() == [[0.75, 0.5]] and acr.tolist() == [math.inf]
+    finite = CertifiedTopKAccuracy((1,), (0.0,))
+    finite.update(torch.full((1000, 1), 1.7976931348623157e308, dtype=torch.float64))
+    assert finite.compute_table()[1].item() == 1.7976931348623157e308  # no overflow either
+
+
+def test_negative_radii_are_refused():
+    with pytest.raises(ValueError, match=r"radii must be >= 0 \(NaN for an abstention\), got -0.5"):
+        CertifiedTopKAccuracy((1,), (0.0,)).update(torch.tensor([[0.5], [-0.5]]))
+
+
+def test_report_and_radius_files_carry_infinite_and_huge_radii(tmp_path):
+    """A radii TSV with inf and 1e300 (as `radius_from_bounds` can give) goes through the
+    report: certified at every radius, ACR inf or exact, and the written radii read back."""
+    from certify.commands.cli import format_radius
+    from certify.commands.report import write_report
+
+    rows = [[math.inf, math.inf], [0.5, math.inf], [math.nan, 1e300]]
+    text = "idx\tradius_top1\tradius_top3\n" + "".join(
+        f"{i}\t" + "\t".join(map(format_radius, row)) + "\n" for i, row in enumerate(rows)
+    )
+    assert "inf\tinf" in text and "1e+300" in text
+    (tmp_path / "radii.tsv").write_text(text)
+    result = write_report(tmp_path / "radii.tsv", at=(0.0, 1.0))
+    assert result["accuracy"].tolist() == [[2 / 3, 1 / 3], [1.0, 1.0]]
+    assert result["acr"].tolist() == [math.inf, math.inf]
+    csv = (tmp_path / "report.csv").read_text().splitlines()
+    assert csv[1].endswith(",inf") and csv[2].endswith(",inf")
+    assert "| top-1 | 66.7% | 33.3% | inf |" in (tmp_path / "report.md").read_text()

@@ -196,10 +196,19 @@ def test_module_attributes_hparams_and_default_recipe():
     [
         ({"sigma": 0.0}, "sigma must be a finite number > 0, got 0.0"),
         ({"sigma": -0.25}, "sigma must be a finite number > 0"),
-        ({"top_k": (1, 10)}, "k must satisfy 1 <= k < c = 10"),
+        ({"top_k": (10, 12)}, "model.top_k: no k below the number of classes c = 10"),
+        ({"top_k": (0, 1)}, "model.top_k: k must be >= 1, got k = 0"),
         ({"arch": "vgg"}, "unknown model 'vgg'"),
     ],
 )
 def test_bad_module_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_module(**kwargs)
+
+
+def test_top_k_beyond_the_classes_is_dropped():
+    """A data set with fewer classes than a config's top-k (fine-tuning on 3 classes with
+    ``top_k: [1, 3, 5]``): the accuracies that cannot exist are dropped, and said so."""
+    module = make_module(top_k=(1, 3, 10, 12))
+    assert module.top_k == (1, 3) and module.dropped_top_k == (10, 12)
+    assert sorted(module.val_metrics) == ["val/acc_top1", "val/acc_top3"]

@@ -7,11 +7,18 @@ normalisation has no state, so the state dict holds the backbone under ``1.``; t
 ResNet-50 was wrapped in ``DataParallel``, giving ``1.module.``. Our networks are
 ``Sequential(NormalizeLayer, backbone)`` too, so their weights load after removing
 ``module.``. Our Lightning checkpoints keep the network under ``net.``.
+
+Files are read with ``torch.load(weights_only=True)``: tensors, numbers, strings and
+containers only. Both formats load that way (their optimizer state is plain data, in the zip
+and in the legacy format alike); a file that holds pickled Python objects is refused unless
+the user trusts it (``TRUST_OPTION``), since unpickling can run any code.
 """
 
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,21 +36,46 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used with the configured model (one-line message)."""
 
 
-def read_checkpoint(path: str | Path) -> dict:
+#: The option that lets a checkpoint holding pickled Python objects be loaded.
+TRUST_OPTION = "--trust_checkpoint true"
+_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def read_checkpoint(path: str | Path, trust: bool = False) -> dict:
+    """The checkpoint's contents, read with ``torch.load(weights_only=True)`` unless ``trust``.
+
+    A file that needs unpickling (Python objects, whose loading can run any code) is refused
+    with a one-line ``CheckpointError`` naming ``TRUST_OPTION``; with ``trust=True`` it is
+    loaded with ``weights_only=False``: only for a file from a trusted source.
+    """
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass  # an older checkpoint with Python objects in it: the user's own file
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error says it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as err:
+        if trust:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} cannot be read: {_reason(err)}"
+            ) from None
+        inner = " ".join(str(err.__context__ or err).split())
+        found = _GLOBAL.search(inner)
+        if found:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds pickled Python objects ({found.group(1)}), "
+                f"whose loading can run any code: refused; if you trust the file, pass "
+                f"{TRUST_OPTION}"
+            ) from None
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} cannot be read: not a checkpoint, or one that holds "
+            f"pickled Python objects (UnpicklingError: {inner[:80]}); only if you trust the "
+            f"file, pass {TRUST_OPTION}"
+        ) from None
     except Exception as err:  # noqa: BLE001 - text, truncated or empty files fail in many ways
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {_reason(err)}") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {_reason(err)}") from None
 
 
@@ -76,15 +108,17 @@ def network_state(checkpoint: dict, path: str | Path, arch: str | None) -> tuple
 
 
 def fitting_network_state(
-    net: nn.Module, path: str | Path, arch: str | None = None
+    net: nn.Module, path: str | Path, arch: str | None = None, trust: bool = False
 ) -> tuple[dict, str]:
     """The checkpoint's network weights and format, checked against ``net`` (nothing loaded).
 
+    ``trust``: read a file that holds pickled Python objects (``read_checkpoint``).
+
     Raises:
-        CheckpointError: missing or unreadable file, another architecture, another number of
-            classes, or missing/unexpected weights.
+        CheckpointError: missing, unreadable or untrusted file, another architecture, another
+            number of classes, or missing/unexpected weights.
     """
-    state, kind = network_state(read_checkpoint(path), path, arch)
+    state, kind = network_state(read_checkpoint(path, trust), path, arch)
     own = net.state_dict()
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
@@ -103,13 +137,15 @@ def fitting_network_state(
     return state, kind
 
 
-def load_network_weights(net: nn.Module, path: str | Path, arch: str | None = None) -> str:
+def load_network_weights(
+    net: nn.Module, path: str | Path, arch: str | None = None, trust: bool = False
+) -> str:
     """Load a checkpoint of either format into ``net``; returns ``"lightning"`` or ``"cohen"``.
 
     Raises:
         CheckpointError: as :func:`fitting_network_state`.
     """
-    state, kind = fitting_network_state(net, path, arch)
+    state, kind = fitting_network_state(net, path, arch, trust)
     net.load_state_dict(state)
     if kind == "cohen":
         mean, std = COHEN_NORMALIZATION.get(arch or "", (None, None))

@@ -1,7 +1,7 @@
 """``topk-smoothing``: one console command, several subcommands.
 
 ``radius`` (and the other pure commands registered in ``COMMANDS``) run without Lightning;
-``fit``, ``validate``, ``test`` and ``predict`` go to the LightningCLI in
+``fit``, ``validate``, ``test``, ``certify`` and ``predict`` go to the LightningCLI in
 ``lightning_modules.cli``. User mistakes end in one line on stderr and exit status 2.
 """
 
@@ -20,6 +20,13 @@ from certify.commands.report import configure_report, run_report
 from certify.math.radius import certified_radius
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict", "certify")
+LIGHTNING_HELP = {
+    "fit": "train a base classifier under Gaussian noise (LightningCLI)",
+    "validate": "evaluate a base classifier under noise on the validation split (LightningCLI)",
+    "test": "evaluate a base classifier under noise on the test split (LightningCLI)",
+    "certify": "certified top-k radii of the true labels of a data split",
+    "predict": "top-k sets of the smoothed classifier with a certified radius per label",
+}
 
 
 class UsageError(ValueError):
@@ -81,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, configure, _) in COMMANDS.items():
         configure(sub.add_parser(name, help=help_text, description=help_text))
     for name in LIGHTNING_COMMANDS:
-        sub.add_parser(name, help=f"LightningCLI {name} (train / evaluate a base classifier)")
+        sub.add_parser(name, help=LIGHTNING_HELP.get(name, f"LightningCLI {name}"))
     return parser
 
 

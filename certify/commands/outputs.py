@@ -57,6 +57,8 @@ class CertifyOutput:
         top_k: the k of the radius columns.
     """
 
+    metadata_file = METADATA  #: the settings file's name
+
     def __init__(self, directory: str | os.PathLike, metadata: dict, top_k: Sequence[int]) -> None:
         self.directory = Path(directory)
         self.metadata = dict(metadata)
@@ -77,7 +79,7 @@ class CertifyOutput:
             raise OutputError(f"cannot create output directory {where}: {err.strerror}") from None
         if not os.access(self.directory, os.W_OK):
             raise OutputError(f"output directory {self.directory} is not writable")
-        path = self.directory / METADATA
+        path = self.directory / self.metadata_file
         if path.is_file():
             try:
                 existing = json.loads(path.read_text())

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from certify.commands.outputs import RESULTS, CertifyOutput, data_identity
 from certify.commands.report import write_report
 from certify.commands.settings import CertifySettingsError, check_settings
+from certify.commands.startup import Weights, default_output_dir, device_text, startup_line
 from certify.math.radius import certified_radius
 from certify.math.validation import check_sigma, check_top_k, default_top_k
 from certify.sampling.options import check_autocast, check_compile
@@ -214,10 +215,11 @@ class CertifyingTrainer(pl.Trainer):
         batch_size: int | None = None,
         seed: int = 0,
         sigma: float | None = None,
-        output_dir: str = "runs/certify",
+        output_dir: str | None = None,
         channels_last: bool = False,
         autocast: str | None = None,
         compile: bool = False,
+        trust_checkpoint: bool = False,
     ) -> bool:
         """Certify a data split with the smoothed classifier (resumable, sharded over devices).
 
@@ -235,7 +237,9 @@ class CertifyingTrainer(pl.Trainer):
             batch_size: noisy samples per forward pass (default: the sampler's choice).
             seed: base seed of the noise; each example's stream is keyed by its index.
             sigma: noise level (default: the model's training sigma).
-            output_dir: where certify.tsv, counts.txt and the report go.
+            output_dir: where certify.tsv, counts.txt and the report go (default:
+                ``runs/certify/<checkpoint>_<split>_n<n>_sigma<sigma>_k<k>``, one per run;
+                ``<checkpoint>`` is its run, file name and the start of its sha256).
             channels_last: lay noisy batches out channels-last (faster for 3-channel conv
                 nets on CPUs and with bf16 on GPUs; other noise layout, so other counts).
             autocast: run the base classifier's forward pass in ``bf16`` or ``fp16`` (the
@@ -244,6 +248,8 @@ class CertifyingTrainer(pl.Trainer):
             compile: ``torch.compile`` the base classifier (compiles on the first batches).
                 With ``autocast bf16`` and ``channels_last`` on a GPU: 3.6x the original
                 loop's throughput for a CIFAR ResNet-20 (``docs/performance.md``).
+            trust_checkpoint: load a checkpoint that holds pickled Python objects (their
+                loading can run any code: only for a file from a trusted source).
 
         Returns:
             True when every selected example is certified and the report is written.
@@ -266,8 +272,15 @@ class CertifyingTrainer(pl.Trainer):
                 "no --ckpt_path and no --model.weights: the network has its random initial "
                 "weights; pass a checkpoint (--ckpt_path) or pretrained weights (--model.weights)"
             )
+        kind = None
         if ckpt_path is not None:
-            load_network_weights(model.net, ckpt_path, arch)
+            kind = load_network_weights(model.net, ckpt_path, arch, trust_checkpoint)
+        sha256 = None if ckpt_path is None else file_sha256(ckpt_path)
+        weights = Weights.of(model, ckpt_path, kind, sha256)
+        if output_dir is None:
+            output_dir = default_output_dir(
+                "certify", weights.name, split, n=n, sigma=sigma, k=top_k
+            )
         datamodule.setup("test" if split == "test" else "validate")
         dataset = getattr(datamodule, f"{split}_dataset", None)
         if dataset is None or len(dataset) == 0:
@@ -282,7 +295,7 @@ class CertifyingTrainer(pl.Trainer):
             "n": n, "alpha": alpha, "sigma": sigma, "bounds": bounds, "top_k": list(top_k),
             "split": split, "skip": skip, "max_examples": max_examples, "seed": seed,
             "num_classes": num_classes, "examples": len(selected), "arch": arch,
-            "checkpoint_sha256": None if ckpt_path is None else file_sha256(ckpt_path),
+            "checkpoint_sha256": sha256,
             "channels_last": bool(channels_last), "data": data_identity(datamodule),
             "noise_device": self.strategy.root_device.type,
             "noise_purpose": "certify",
@@ -294,6 +307,15 @@ class CertifyingTrainer(pl.Trainer):
         finished = output.read_parts()
         done = sum(i in finished for i in selected)
         if self.is_global_zero:
+            print(startup_line(
+                "certify", weights=weights, arch=arch, sigma=sigma, net=model.net,
+                device=device_text(self),
+                settings=dict(n=n, alpha=alpha, k=top_k, bounds=bounds, split=split,
+                              examples=len(selected)),
+                options=dict(batch_size=batch_size or "tuned", seed=seed,
+                             channels_last=bool(channels_last), autocast=autocast,
+                             compile=bool(compile)),
+            ), flush=True)  # fmt: skip
             total, where = len(selected), output.directory
             if done == total:
                 print(f"certify: all {total} examples are already in {where}; merging")

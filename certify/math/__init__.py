@@ -2,6 +2,7 @@
 
 - ``bounds``: exact one-sided Clopper-Pearson bounds, the SimuEM and BinoCP estimators.
 - ``radius``: ``certified_radius`` from counts, ``radius_from_bounds`` from given bounds.
-- ``prediction``: ``top_k_set``, the smoothed top-k label set or an abstention.
+- ``prediction``: ``top_k_set``, the smoothed top-k label set or an abstention, and
+  ``certified_prediction``, the set chosen on one sample with a radius per label from another.
 - ``validation``: the argument checks every part of the project shares.
 """

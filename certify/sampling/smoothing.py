@@ -15,18 +15,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from certify.math.prediction import top_k_set
-from certify.math.radius import certified_radius
 from certify.math.validation import (
-    check_alpha,
-    check_bounds,
     check_int,
-    check_labels,
     check_seed,
     check_sigma,
-    check_top_k,
 )
 from certify.sampling.batching import LabelForward, auto_batch_size
+from certify.sampling.decisions import SmoothedDecisions
 from certify.sampling.noise import ChunkNoise, add_inputs, check_purpose, noise_chunk
 from certify.sampling.packing import capacity, plan
 
@@ -41,7 +36,7 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-class SmoothedClassifier:
+class SmoothedClassifier(SmoothedDecisions):
     """Randomized smoothing of a base classifier ``model`` with noise N(0, sigma^2 I).
 
     Sampling runs on the model's device: the noise is drawn there, several inputs share a
@@ -245,58 +240,3 @@ class SmoothedClassifier:
         if len(ids) != batch or not ok:
             raise ValueError(f"example_ids must be {batch} non-negative integers, got {ids!r}")
         return [int(i) for i in ids]
-
-    # ------------------------------------------------------------------ decisions
-    def certify(
-        self,
-        x: torch.Tensor,
-        labels: torch.Tensor,
-        top_k: int | Sequence[int],
-        n: int,
-        alpha: float,
-        bounds: str = "simuem",
-        batch_size: int | None = None,
-        seed: int | None = None,
-        example_ids: Sequence[int] | torch.Tensor | None = None,
-        purpose: str = "certify",
-    ) -> torch.Tensor:
-        """Certified top-k radius of ``labels`` for every k (CERTIFY of the paper).
-
-        ``purpose``: the noise streams' purpose (``sample_counts``).
-
-        Returns:
-            float64 ``(B, len(top_k))`` on the CPU; NaN where the label is not certified.
-        """
-        top_k = check_top_k(top_k, self.num_classes)
-        check_alpha(alpha)
-        check_bounds(bounds)
-        x = self._check_inputs(x)
-        labels = torch.from_numpy(check_labels(labels, x.shape[0], self.num_classes))  # (B,)
-        counts = self.sample_counts(x, n, batch_size, seed, example_ids, purpose)
-        return certified_radius(counts.cpu(), labels, top_k, self.sigma, alpha, bounds)
-
-    def predict(
-        self,
-        x: torch.Tensor,
-        k: int,
-        n: int,
-        alpha: float,
-        batch_size: int | None = None,
-        seed: int | None = None,
-        example_ids: Sequence[int] | torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The top-k label set of the smoothed classifier, or a row of -1 (abstain).
-
-        All c labels get simultaneous one-sided Clopper-Pearson bounds at level alpha / c; the
-        k most frequent labels are returned only when the smallest lower bound among them
-        exceeds the largest upper bound outside them. A wrong set needs a lower bound of a
-        label outside the true top-k or an upper bound of one inside it to fail: c one-sided
-        events of probability alpha / c each, so the set is wrong with probability <= alpha.
-
-        Returns:
-            int64 ``(B, k)`` on the CPU, labels ordered by decreasing count.
-        """
-        (k,) = check_top_k(k, self.num_classes)
-        check_alpha(alpha)
-        counts = self.sample_counts(x, n, batch_size, seed, example_ids).cpu()
-        return top_k_set(counts, k, alpha)

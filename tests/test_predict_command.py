@@ -1,0 +1,229 @@
+"""`topk-smoothing predict`: the smoothed top-k sets with a radius per label, on the digits test
+split and on a folder of image files; consistency with the math, the noise streams, resume,
+2 processes, and one-line refusals."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from certify import SmoothedClassifier
+from certify.math.prediction import certified_prediction
+from datamodules import DigitsDataModule
+from lightning_modules import NoisyClassifier
+from lightning_modules.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = str(REPO / "configs" / "digits.yaml")
+N0, N, K, ALPHA, EXAMPLES = 60, 400, 2, 0.01, 24
+QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+
+
+def predict(cwd: Path, ckpt: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "certify", "predict", "--config", DIGITS,
+        "--ckpt_path", str(ckpt), "--n0", str(N0), "--n", str(N), "--alpha", str(ALPHA),
+        "--k", str(K), "--skip", "3", "--max_examples", str(EXAMPLES), "--seed", "7",
+        *QUIET, *extra,
+    ]  # fmt: skip
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900)
+
+
+def read_table(path: Path) -> list[list[str]]:
+    """predict.tsv without its wall-clock `seconds` column."""
+    rows = [line.split("\t") for line in path.read_text().splitlines()]
+    assert rows[0][-1] == "seconds"
+    return [row[:-1] for row in rows]
+
+
+def read_counts(path: Path) -> tuple[list[int], np.ndarray, np.ndarray]:
+    lines = [line.split("\t") for line in path.read_text().splitlines()]
+    assert lines[0] == ["idx", "selection_counts", "counts"]
+    idx = [int(f[0]) for f in lines[1:]]
+    selection = np.array([[int(v) for v in f[1].split()] for f in lines[1:]])
+    counts = np.array([[int(v) for v in f[2].split()] for f in lines[1:]])
+    return idx, selection, counts
+
+
+@pytest.fixture(scope="module")
+def split_run(digits_checkpoint, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("predict")
+    result = predict(cwd, digits_checkpoint, "--output_dir", "split")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd / "split", result.stdout
+
+
+def test_split_table_is_certified_prediction_of_the_counts(split_run):
+    """predict.tsv is `certified_prediction` of the written counts (exactly), the n0 and n
+    samples have the sizes asked for, no fresh sample is drawn where the selection ties, and
+    the trained model answers most examples while others abstain."""
+    out, stdout = split_run
+    rows = read_table(out / "predict.tsv")
+    assert rows[0] == ["idx", "label", "pred1", "pred2", "radius1", "radius2"]
+    assert [int(r[0]) for r in rows[1:]] == list(range(0, 3 * EXAMPLES, 3))
+    idx, selection, counts = read_counts(out / "counts.tsv")
+    assert idx == [int(r[0]) for r in rows[1:]]
+    assert (selection.sum(axis=1) == N0).all()
+    ordered = -np.sort(-selection, axis=1)
+    separated = ordered[:, K - 1] > ordered[:, K]
+    assert (counts.sum(axis=1) == np.where(separated, N, 0)).all()
+    labels, radii = certified_prediction(selection, counts, K, 0.25, ALPHA)
+    np.testing.assert_array_equal(labels.numpy(), [[int(v) for v in r[2:4]] for r in rows[1:]])
+    written = np.array([[float(v) for v in r[4:6]] for r in rows[1:]])
+    np.testing.assert_allclose(written, radii.numpy(), rtol=1e-9, equal_nan=True)
+    answered = labels[:, 0].numpy() >= 0
+    assert 3 <= answered.sum() <= EXAMPLES - 3  # answers, and abstentions (5 of 24)
+    truth = np.array([int(r[1]) for r in rows[1:]])
+    assert ((labels.numpy() == truth[:, None]).any(axis=1)[answered]).mean() > 0.9
+    startup = [line for line in stdout.splitlines() if line.startswith("predict: checkpoint")]
+    assert len(startup) == 1
+    for needle in ("arch digits_cnn", "sigma 0.25 (as trained)", "mean (0.3053) std (0.376)"):
+        assert needle in startup[0]
+    for needle in (f"n0 {N0}, n {N}, alpha {ALPHA}, k {K}", "device cpu", "seed 7"):
+        assert needle in startup[0]
+    assert "answered" in stdout.splitlines()[-1]
+
+
+def test_selection_and_fresh_counts_come_from_their_own_streams(split_run, digits_checkpoint):
+    """The written counts of an example are `sample_counts` of the selection streams (n0) and
+    of the certify streams (n) of its index, as the Python API draws them."""
+    out, _ = split_run
+    idx, selection, counts = read_counts(out / "counts.tsv")
+    model = NoisyClassifier.load_from_checkpoint(digits_checkpoint, weights=None)
+    data = DigitsDataModule()
+    data.setup("test")
+    smoothed = SmoothedClassifier(model.net, 10, 0.25)
+    row = next(i for i, c in enumerate(counts) if c.sum())
+    x = data.test_dataset[idx[row]][0][None]  # (1, 1, 8, 8)
+    ids = [idx[row]]
+    chosen = smoothed.sample_counts(x, N0, seed=7, example_ids=ids, purpose="selection")
+    fresh = smoothed.sample_counts(x, N, seed=7, example_ids=ids, purpose="certify")
+    assert chosen[0].tolist() == selection[row].tolist()
+    assert fresh[0].tolist() == counts[row].tolist()
+
+
+def test_resume_completes_an_interrupted_run(split_run, digits_checkpoint):
+    out, _ = split_run
+    partial = out.parent / "partial"
+    (partial / "parts").mkdir(parents=True)
+    (partial / "predict.json").write_bytes((out / "predict.json").read_bytes())
+    lines = (out / "parts" / "rank0.tsv").read_text().splitlines(keepends=True)
+    (partial / "parts" / "rank0.tsv").write_text("".join(lines[:9]) + lines[9][:5])  # torn row
+    result = predict(out.parent, digits_checkpoint, "--output_dir", "partial")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "9 of 24 examples already in partial, resuming" in result.stdout
+    assert read_table(partial / "predict.tsv") == read_table(out / "predict.tsv")
+    assert (partial / "counts.tsv").read_bytes() == (out / "counts.tsv").read_bytes()
+    other = predict(out.parent, digits_checkpoint, "--output_dir", "partial", "--n0", "61")
+    assert (
+        other.returncode == 2 and "holds a run with n0 = 60, this run has n0 = 61" in other.stderr
+    )
+
+
+@pytest.mark.ddp
+def test_two_processes_write_the_same_files(split_run, digits_checkpoint):
+    out, _ = split_run
+    extra = ("--trainer.devices", "2", "--trainer.strategy", "ddp", "--output_dir", "double")
+    result = predict(out.parent, digits_checkpoint, *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    double = out.parent / "double"
+    assert read_table(double / "predict.tsv") == read_table(out / "predict.tsv")
+    assert (double / "counts.tsv").read_bytes() == (out / "counts.tsv").read_bytes()
+    assert len(list((double / "parts").glob("rank*.tsv"))) == 2
+
+
+def write_digit_images(folder: Path, count: int) -> list[int]:
+    """The first ``count`` digits test images as 8x8 grey PNGs in nested folders."""
+    data = DigitsDataModule()
+    data.setup("test")
+    labels = []
+    for i in range(count):
+        image, label = data.test_dataset[i]
+        pixels = (image[0].numpy() * 255).round().astype(np.uint8)  # (8, 8)
+        path = folder / f"group{i % 2}" / f"digit{i:02d}_{label}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels, mode="L").save(path)
+        labels.append(label)
+    return labels
+
+
+def test_a_folder_of_image_files(isolated_run, capsys, digits_checkpoint):
+    """Image files go through the data set's transforms: the files' names in sorted order, and
+    the trained model labels them as the digits they are."""
+    labels = write_digit_images(Path("images"), 10)
+    args = ["predict", "--config", DIGITS, "--ckpt_path", str(digits_checkpoint), *QUIET]
+    args += ["--images", "images", "--n0", "50", "--n", "300", "--alpha", "0.01"]
+    assert main(args) == 0
+    out = next(Path("runs", "predict").iterdir())
+    assert out.name.endswith("_images_n0-50_n300_sigma0.25_k1")
+    rows = read_table(out / "predict.tsv")
+    assert rows[0] == ["idx", "file", "pred1", "radius1"]
+    files = [r[1] for r in rows[1:]]
+    assert files == sorted(files) and files[0] == f"group0/digit00_{labels[0]}.png"
+    predicted = {r[1]: int(r[2]) for r in rows[1:]}
+    truth = {f"group{i % 2}/digit{i:02d}_{y}.png": y for i, y in enumerate(labels)}
+    assert sum(predicted[f] == y for f, y in truth.items()) >= 8
+    assert "10 examples" in capsys.readouterr().out
+
+
+def test_an_image_of_another_size_is_one_line(isolated_run, capsys, digits_checkpoint):
+    Path("images").mkdir()
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8), mode="L").save("images/big.png")
+    args = ["predict", "--config", DIGITS, "--ckpt_path", str(digits_checkpoint), *QUIET]
+    assert main([*args, "--images", "images", "--n", "20"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "topk-smoothing predict: error: image 'big.png' is (1, 28, 28) after the data set's "
+        "transforms, the data set's inputs are (1, 8, 8)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--n0", "0"], "n0 must be an integer >= 1, got 0"),
+        (["--n", "0"], "n must be an integer >= 1, got 0"),
+        (["--k", "10"], "k must satisfy 1 <= k < c = 10, got k = 10"),
+        (["--k", "0"], "k must be >= 1, got k = 0"),
+        (["--k", "1", "3"], "unrecognized arguments: 3"),
+        (["--alpha", "1"], "alpha must lie strictly between 0 and 1, got 1.0"),
+        (["--images", "no/such/folder"], "images 'no/such/folder' is not a directory"),
+        (["--split", "train"], "split must be 'test' or 'val', got 'train'"),
+    ],
+)
+def test_impossible_settings_are_one_line(isolated_run, capsys, digits_checkpoint, args, message):
+    argv = ["predict", "--config", DIGITS, "--ckpt_path", str(digits_checkpoint), *QUIET]
+    assert main([*argv, "--n", "20", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("topk-smoothing predict: error: "), err
+    assert message in err[0]
+    assert not Path("runs").exists()
+
+
+def test_predict_help_names_the_smoothed_classifier(capsys):
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    text = capsys.readouterr().out
+    assert "Top-k sets of the smoothed classifier" in text
+    for option in ("--n0", "--images", "--trust_checkpoint", "--output_dir"):
+        assert option in text
+    assert "--return_predictions" not in text and "--weights_only" not in text
+
+
+def test_tensor_of_a_split_run_and_a_python_run_agree(digits_checkpoint):
+    """`SmoothedClassifier.predict_certified` gives what the command writes (same seed, ids)."""
+    model = NoisyClassifier.load_from_checkpoint(digits_checkpoint, weights=None)
+    data = DigitsDataModule()
+    data.setup("test")
+    x = torch.stack([data.test_dataset[i][0] for i in (0, 3)])
+    smoothed = SmoothedClassifier(model.net, 10, 0.25)
+    labels, radii = smoothed.predict_certified(x, K, N0, N, ALPHA, seed=7, example_ids=[0, 3])
+    selection = smoothed.sample_counts(x, N0, seed=7, example_ids=[0, 3], purpose="selection")
+    fresh = smoothed.sample_counts(x, N, seed=7, example_ids=[0, 3])
+    expected = certified_prediction(selection, fresh, K, 0.25, ALPHA)
+    assert torch.equal(labels, expected[0])
+    torch.testing.assert_close(radii, expected[1], rtol=0, atol=0, equal_nan=True)
