@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from certify.commands.outputs import RESULTS, CertifyOutput, data_identity
 from certify.commands.report import write_report
+from certify.commands.sequential import sequential_metadata
 from certify.commands.settings import CertifySettingsError, check_settings
 from certify.math.radius import certified_radius
 from certify.math.validation import check_sigma, check_top_k, default_top_k
@@ -68,7 +69,8 @@ class CertifyTask(pl.LightningModule):
         selected: dataset indices to certify.
         output: the output directory (already prepared).
         options: ``n``, ``alpha``, ``top_k``, ``bounds``, ``sigma``, ``seed``, ``batch_size``,
-            ``channels_last``, ``autocast`` (``"bf16"``, ``"fp16"`` or None), ``compile``.
+            ``channels_last``, ``autocast`` (``"bf16"``, ``"fp16"`` or None), ``compile``,
+            ``radii`` (the targets of a sequential run, with ``n`` its n_max; else None).
     """
 
     def __init__(self, net, num_classes, dataset, selected, output: CertifyOutput, options):
@@ -86,6 +88,8 @@ class CertifyTask(pl.LightningModule):
     def predict_dataloader(self) -> DataLoader:
         sampler_batch = self.options["batch_size"] or DEFAULT_BATCH_SIZE
         per_step = max(1, min(64, sampler_batch // self.options["n"]))
+        if self.options.get("radii") is not None:  # sequential: small rounds, many examples
+            per_step = 64
         return DataLoader(_Examples(self.dataset, self.pending), batch_size=per_step, shuffle=False)
 
     def on_predict_start(self) -> None:
@@ -118,10 +122,18 @@ class CertifyTask(pl.LightningModule):
                 channels_last=opts["channels_last"],
                 compile=opts["compile"],
             )
+        samples = None
         try:
-            counts = self._smoothed.sample_counts(
-                x, opts["n"], opts["batch_size"], opts["seed"], example_ids=indices.tolist()
-            ).cpu()  # (b, c)
+            if opts.get("radii") is not None:
+                cert = self._smoothed.certify_sequential(
+                    x, labels.cpu(), opts["top_k"], opts["radii"], opts["n"], opts["alpha"],
+                    opts["batch_size"], opts["seed"], example_ids=indices.tolist(),
+                )  # fmt: skip
+                counts, samples = cert.counts, cert.samples.tolist()  # (b, c), [b]
+            else:
+                counts = self._smoothed.sample_counts(
+                    x, opts["n"], opts["batch_size"], opts["seed"], example_ids=indices.tolist()
+                ).cpu()  # (b, c)
         except RuntimeError as err:  # torch.OutOfMemoryError, or the CPU allocator's refusal
             text = str(err)
             if not isinstance(err, torch.OutOfMemoryError) and "allocate memory" not in text:
@@ -133,14 +145,19 @@ class CertifyTask(pl.LightningModule):
                 f"{tried.group(0) if tried else text.splitlines()[0][:120]}); choose a smaller "
                 "--batch_size, or leave it out to have one tuned"
             ) from None
-        radii = certified_radius(
-            counts, labels.cpu(), opts["top_k"], opts["sigma"], opts["alpha"], opts["bounds"]
-        )  # (b, K)
+        if samples is not None:
+            radii = cert.radius  # (b, K) the largest target certified
+        else:
+            radii = certified_radius(
+                counts, labels.cpu(), opts["top_k"], opts["sigma"], opts["alpha"], opts["bounds"]
+            )  # (b, K)
         order = counts.argsort(dim=1, descending=True, stable=True)[:, : max(opts["top_k"])]
         seconds = (time.perf_counter() - start) / len(indices)
         rows = [
-            self.output.row(int(i), int(y), top.tolist(), r.tolist(), seconds, c.tolist())
-            for i, y, top, r, c in zip(indices, labels, order, radii, counts, strict=True)
+            self.output.row(int(i), int(y), top.tolist(), r.tolist(), seconds, c.tolist(), m)
+            for i, y, top, r, c, m in zip(
+                indices, labels, order, radii, counts, samples or [None] * len(indices), strict=True
+            )
         ]
         self.output.append(self._fd, rows)
         return radii
@@ -170,7 +187,8 @@ def finish(output: CertifyOutput, selected: list[int], trainer: pl.Trainer | Non
     print((result["output_dir"] / "report.md").read_text(), end="")
     print(
         f"certify: {len(selected)} examples, {seconds.mean():.3f} s each on average "
-        f"({seconds.sum():.1f} s in all); wrote {RESULTS}, counts.txt, report.md, report.csv "
+        f"({seconds.sum():.1f} s in all); wrote {RESULTS}, "
+        f"{'' if output.sequential else 'counts.txt, '}report.md, report.csv "
         f"and certified_accuracy.png to {output.directory}"
     )
     return True
@@ -218,6 +236,8 @@ class CertifyingTrainer(pl.Trainer):
         channels_last: bool = False,
         autocast: str | None = None,
         compile: bool = False,
+        sequential: bool = False,
+        radii: list[float] | None = None,
     ) -> bool:
         """Certify a data split with the smoothed classifier (resumable, sharded over devices).
 
@@ -244,6 +264,10 @@ class CertifyingTrainer(pl.Trainer):
             compile: ``torch.compile`` the base classifier (compiles on the first batches).
                 With ``autocast bf16`` and ``channels_last`` on a GPU: 3.6x the original
                 loop's throughput for a CIFAR ResNet-20 (``docs/performance.md``).
+            sequential: sample each example in growing rounds and stop once every k is
+                decided at every radius of ``radii`` (``docs/sequential.md``); ``n`` is then
+                the most samples an example gets, and ``certify.tsv`` has their number.
+            radii: the target radii of ``sequential`` (default: the report's radii 0 .. 2).
 
         Returns:
             True when every selected example is certified and the report is written.
@@ -252,7 +276,7 @@ class CertifyingTrainer(pl.Trainer):
 
         check_settings(
             n, alpha, bounds, split, skip, max_examples, batch_size, sigma, autocast,
-            seed=seed, k=k, output_dir=output_dir,
+            seed=seed, k=k, output_dir=output_dir, sequential=sequential, radii=radii,
         )  # fmt: skip
         num_classes = int(model.num_classes)
         try:
@@ -289,6 +313,9 @@ class CertifyingTrainer(pl.Trainer):
         }  # fmt: skip
         if autocast is not None or compile:  # recorded when on, as since they were added
             metadata.update(autocast=autocast, compile=bool(compile))
+        targets = None
+        if sequential:  # n is n_max; the targets and the schedule's settings are recorded
+            metadata, targets = sequential_metadata(metadata, radii)
         output = CertifyOutput(output_dir, metadata, top_k)
         output.prepare()
         finished = output.read_parts()
@@ -301,11 +328,13 @@ class CertifyingTrainer(pl.Trainer):
                 print(f"certify: {done} of {total} examples already in {where}, resuming")
             else:
                 print(f"certify: {total} examples, n = {n}, into {where}")
+            if sequential:
+                print(f"certify: sequential, at most n = {n} samples per example, radii {targets}")
         if done == len(selected):
             return finish(output, selected, self)
         options = dict(n=n, alpha=alpha, top_k=top_k, bounds=bounds, sigma=sigma, seed=seed,
                        batch_size=batch_size, channels_last=bool(channels_last),
-                       autocast=autocast, compile=bool(compile))  # fmt: skip
+                       autocast=autocast, compile=bool(compile), radii=targets)  # fmt: skip
         task = CertifyTask(model.net, num_classes, dataset, selected, output, options)
         self.predict(task, return_predictions=False)
         return (output.directory / RESULTS).is_file()
