@@ -8,14 +8,8 @@ import torch
 from scipy.special import ndtri
 from torch import nn
 
-from certify import SmoothedClassifier, certified_radius
-from certify.math.sequential import (
-    DEFAULT_FIRST,
-    _certify_rounds,
-    certify_sequential,
-    look_schedule,
-    spend,
-)
+from certify import SmoothedClassifier, certified_radius, certify_sequential
+from certify.math.sequential import DEFAULT_FIRST, _certify_rounds, look_schedule, spend
 from certify.sampling.noise import NOISE_CHUNK
 
 

@@ -3,5 +3,6 @@
 - ``bounds``: exact one-sided Clopper-Pearson bounds, the SimuEM and BinoCP estimators.
 - ``radius``: ``certified_radius`` from counts, ``radius_from_bounds`` from given bounds.
 - ``prediction``: ``top_k_set``, the smoothed top-k label set or an abstention.
+- ``sequential``: ``certify_sequential``, the certificates of CERTIFY from rounds of samples.
 - ``validation``: the argument checks every part of the project shares.
 """
