@@ -27,7 +27,7 @@ Also printed: where the samples of ``sequential`` go, by how many targets fixed 
 
     python benchmarks/sequential_savings.py                    # trains the digits model (~1-8 min)
     python benchmarks/sequential_savings.py --digits-counts runs/certify/digits/counts.txt
-    python benchmarks/sequential_savings.py --sources cifar10 --repeats 3
+    python benchmarks/sequential_savings.py --sources cifar10 --variants   # + other schedules
 """
 
 from __future__ import annotations
@@ -57,17 +57,33 @@ KS = ((1,), (3,), (5,), (1, 3, 5))
 CIFAR_COUNTS = REPO / "tests" / "data" / "cifar10_resnet110_sigma0.25" / "counts.txt"
 
 
+def plan(first: int, growth: float, spending: str, futility: float) -> dict:
+    """A sequential method: its looks, their levels and the futility level."""
+    looks = look_schedule(N_MAX, first, growth)
+    weights = np.ones(len(looks)) if spending == "even" else None  # None: half at n_max
+    return {"looks": looks, "levels": spend(ALPHA, len(looks), weights), "futility": futility}
+
+
+#: The methods of the main table: the library's defaults, and the simple doubling schedule.
+METHODS = {
+    "sequential": (1000, 1.25, "half at n_max", 0.05),
+    "doubling": (1000, 2.0, "even", 0.5),
+}
+#: The variants compared with ``--variants`` (on CIFAR-10, each k alone).
+VARIANTS = [
+    (1000, 2.0, "even", 0.5),
+    (1000, 2.0, "even", 0.01),
+    (1000, 2.0, "half at n_max", 0.01),
+    (1000, 1.25, "even", 0.05),
+    (1000, 1.25, "half at n_max", 0.05),
+    (1000, 1.25, "half at n_max", 0.2),
+    (500, 1.25, "half at n_max", 0.05),
+    (1000, 1.5, "half at n_max", 0.05),
+]
+
+
 def methods() -> dict[str, dict]:
-    doubling = look_schedule(N_MAX, 1000, 2.0)
-    default = look_schedule(N_MAX)
-    return {
-        "sequential": {"looks": default, "levels": spend(ALPHA, len(default)), "futility": 0.05},
-        "doubling": {
-            "looks": doubling,
-            "levels": spend(ALPHA, len(doubling), np.ones(len(doubling))),
-            "futility": 0.5,
-        },
-    }
+    return {name: plan(*settings) for name, settings in METHODS.items()}
 
 
 def reached(radius: np.ndarray) -> np.ndarray:
@@ -75,25 +91,24 @@ def reached(radius: np.ndarray) -> np.ndarray:
     return (np.nan_to_num(radius, nan=-1.0)[..., None] >= TARGETS).sum(axis=-1)
 
 
-def compare(p: np.ndarray, labels: np.ndarray, repeats: int, seed: int) -> dict:
+def compare(p, labels, repeats: int, seed: int, plans: dict, ks_sets=KS) -> dict:
     """Certified accuracy and samples of fixed n and of each sequential method, per k set."""
-    plans = methods()
-    points = sorted({n for plan in plans.values() for n in plan["looks"]})
+    points = sorted({n for way in plans.values() for n in way["looks"]})
     out: dict = {}
     for r in range(repeats):
         rng = np.random.default_rng([seed, r])
         sizes = np.diff([0, *points])
         steps = np.stack([rng.multinomial(m, p) for m in sizes], axis=1)  # (B, P, c)
         prefix = dict(zip(points, np.cumsum(steps, axis=1).transpose(1, 0, 2), strict=True))
-        for ks in KS:
+        for ks in ks_sets:
             key = "+".join(map(str, ks))
             entry = out.setdefault(key, {})
             fixed = reached(certified_radius(prefix[N_MAX], labels, ks, SIGMA, ALPHA).numpy())
             entry.setdefault("fixed", []).append({"reached": fixed, "samples": N_MAX})
-            for name, plan in plans.items():
+            for name, way in plans.items():
                 cert = _certify_rounds(
-                    prefix_draw(prefix, plan["looks"]), labels, ks, SIGMA, TARGETS,
-                    plan["looks"], plan["levels"], plan["futility"],
+                    prefix_draw(prefix, way["looks"]), labels, ks, SIGMA, TARGETS,
+                    way["looks"], way["levels"], way["futility"],
                 )  # fmt: skip
                 run = {"reached": reached(cert.radius.numpy()), "samples": cert.samples.numpy()}
                 entry.setdefault(name, []).append(run)
@@ -177,6 +192,33 @@ def breakdown(name: str, result: dict) -> list[str]:
     return lines + [""]
 
 
+def variants(repeats: int, seed: int) -> list[str]:
+    """The schedules, spendings and futility levels compared, on CIFAR-10, each k alone."""
+    counts, labels = read_counts(CIFAR_COUNTS)
+    p = counts / counts.sum(axis=1, keepdims=True)
+    plans = {settings: plan(*settings) for settings in VARIANTS}
+    result = compare(p, labels, repeats, seed, plans, KS[:3])
+    lines = [
+        f"Variants on CIFAR-10 ({repeats} streams per input), each k alone:",
+        "",
+        "| first look | growth | spending | futility | fewer samples, k = 1 / 3 / 5 | "
+        "worst loss (points) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for settings in VARIANTS:
+        factors, loss = [], 0.0
+        for key in ("1", "3", "5"):
+            s, fixed = summarise(result[key][settings]), summarise(result[key]["fixed"])
+            factors.append(f"{N_MAX / s['mean']:.1f}x")
+            loss = min(loss, 100 * (s["accuracy"] - fixed["accuracy"]).min())
+        first, growth, spending, futility = settings
+        lines.append(
+            f"| {first:,} | {growth:g} | {spending} | {futility:g} | {' / '.join(factors)} | "
+            f"{-loss:.2f} |"
+        )
+    return lines + [""]
+
+
 def digits_counts(args) -> Path:
     """The digits model's counts at n = 10,000: given, or from a fit and a certify run."""
     if args.digits_counts:
@@ -221,6 +263,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="streams per input")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the numbers here")
+    parser.add_argument("--variants", action="store_true", help="compare schedules (CIFAR-10)")
     args = parser.parse_args()
     sources = {"cifar10": CIFAR_COUNTS}
     if "digits" in args.sources:
@@ -231,12 +274,14 @@ def main() -> None:
     for name in args.sources:
         counts, labels = read_counts(sources[name])
         p = counts / counts.sum(axis=1, keepdims=True)
-        result = compare(p, labels, args.repeats, args.seed)
+        result = compare(p, labels, args.repeats, args.seed, methods())
         title = f"{name} ({len(labels)} inputs, probabilities from {sources[name].name})"
         lines += table(title, result) + breakdown(name, result)
         numbers[name] = {
             key: {m: summarise(runs) for m, runs in entry.items()} for key, entry in result.items()
         }
+    if args.variants:
+        lines += variants(args.repeats, args.seed)
     print("\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps(numbers, default=lambda a: np.asarray(a).tolist()))
