@@ -131,6 +131,7 @@ def test_reported_radii_are_targets_and_samples_are_looks():
         ({"alpha": 1.5}, "alpha"),
         ({"top_k": 3}, "1 <= k < c = 3"),
         ({"labels": [0, 3]}, "label 3"),
+        ({"labels": [[0, 1]]}, r"labels must have shape \(B,\), got \(1, 2\)"),
         ({"schedule": (100, 50, 1000)}, "strictly increasing"),
         ({"schedule": (100, 500)}, "ending at n_max = 1000"),
         ({"schedule": (10, 100, 1000), "spending": (1.0, 2.0)}, "3 positive weights"),

@@ -189,7 +189,9 @@ def certify_sequential(
         ([[0.5, 0.5], [0.5, 0.5]], [3052, 1000])
     """
     labels = np.asarray(to_numpy(labels))
-    batch = labels.shape[0] if labels.ndim == 1 else -1
+    if labels.ndim != 1:
+        raise ValueError(f"labels must have shape (B,), got {tuple(labels.shape)}")
+    batch = labels.shape[0]
     if num_classes is not None:
         num_classes = check_int(num_classes, "num_classes", low=2)
         labels = check_labels(labels, batch, num_classes)
