@@ -17,8 +17,8 @@ mean and median samples per input are averaged over ``--repeats`` streams, for k
 each certified alone, and for the three certified together (one run decides every k). The
 sequential methods:
 
-- ``sequential``: the defaults of ``certify.math.sequential`` (looks 1,000 x 1.25^j, half of
-  alpha at n_max, the rest evenly; a target is given up when optimistic bounds at level 0.05
+- ``sequential``: the defaults of ``certify.math.sequential`` (looks 1,000 x 1.25^j, 3/4 of
+  alpha at n_max, the rest evenly; a target is given up when optimistic bounds at level 0.02
   show it out of reach at n_max);
 - ``doubling``: looks 1,000 x 2^j, alpha evenly over the 8 looks, a target given up on the
   point estimates (bounds at level 0.5).
@@ -27,7 +27,7 @@ Also printed: where the samples of ``sequential`` go, by how many targets fixed 
 
     python benchmarks/sequential_savings.py                    # trains the digits model (~1-8 min)
     python benchmarks/sequential_savings.py --digits-counts runs/certify/digits/counts.txt
-    python benchmarks/sequential_savings.py --sources cifar10 --variants   # + other schedules
+    python benchmarks/sequential_savings.py --sources cifar10 --variants  # + other schedules
 """
 
 from __future__ import annotations
@@ -50,35 +50,50 @@ sys.path.insert(0, str(REPO))
 
 from certify.commands.countfile import read_counts  # noqa: E402
 from certify.math.radius import certified_radius  # noqa: E402
-from certify.math.sequential import _certify_rounds, look_schedule, spend  # noqa: E402
+from certify.math.sequential import (  # noqa: E402
+    DEFAULT_FIRST,
+    DEFAULT_FUTILITY,
+    DEFAULT_GROWTH,
+    DEFAULT_LAST_SHARE,
+    _certify_rounds,
+    look_schedule,
+    spend,
+)
 
 SIGMA, ALPHA, N_MAX, TARGETS = 0.25, 0.001, 100_000, np.array([0.25, 0.5, 0.75])
 KS = ((1,), (3,), (5,), (1, 3, 5))
 CIFAR_COUNTS = REPO / "tests" / "data" / "cifar10_resnet110_sigma0.25" / "counts.txt"
 
 
-def plan(first: int, growth: float, spending: str, futility: float) -> dict:
-    """A sequential method: its looks, their levels and the futility level."""
+def plan(first: int, growth: float, last_share: float | None, futility: float) -> dict:
+    """A sequential method: its looks, their levels (``last_share`` of alpha at n_max and the
+    rest evenly, or all evenly for None) and the futility level of each look."""
     looks = look_schedule(N_MAX, first, growth)
-    weights = np.ones(len(looks)) if spending == "even" else None  # None: half at n_max
+    weights = np.ones(len(looks))
+    if last_share is not None and len(looks) > 1:
+        weights[:-1] = (1 - last_share) / (len(looks) - 1)
+        weights[-1] = last_share
     return {"looks": looks, "levels": spend(ALPHA, len(looks), weights), "futility": futility}
 
 
 #: The methods of the main table: the library's defaults, and the simple doubling schedule.
 METHODS = {
-    "sequential": (1000, 1.25, "half at n_max", 0.05),
-    "doubling": (1000, 2.0, "even", 0.5),
+    "sequential": (DEFAULT_FIRST, DEFAULT_GROWTH, DEFAULT_LAST_SHARE, DEFAULT_FUTILITY),
+    "doubling": (1000, 2.0, None, 0.5),
 }
-#: The variants compared with ``--variants`` (on CIFAR-10, each k alone).
+#: The variants compared with ``--variants`` (each k alone): (first, growth, share, futility).
 VARIANTS = [
-    (1000, 2.0, "even", 0.5),
-    (1000, 2.0, "even", 0.01),
-    (1000, 2.0, "half at n_max", 0.01),
-    (1000, 1.25, "even", 0.05),
-    (1000, 1.25, "half at n_max", 0.05),
-    (1000, 1.25, "half at n_max", 0.2),
-    (500, 1.25, "half at n_max", 0.05),
-    (1000, 1.5, "half at n_max", 0.05),
+    (1000, 2.0, None, 0.5),
+    (1000, 2.0, None, 0.02),
+    (1000, 2.0, 0.75, 0.02),
+    (1000, 1.25, None, 0.02),
+    (1000, 1.25, 0.5, 0.05),
+    (1000, 1.25, 0.5, 0.02),
+    (1000, 1.25, 0.75, 0.05),
+    (1000, 1.25, 0.75, 0.02),
+    (1000, 1.25, 0.75, 0.01),
+    (500, 1.25, 0.75, 0.02),
+    (1000, 1.5, 0.75, 0.02),
 ]
 
 
@@ -192,29 +207,32 @@ def breakdown(name: str, result: dict) -> list[str]:
     return lines + [""]
 
 
-def variants(repeats: int, seed: int) -> list[str]:
-    """The schedules, spendings and futility levels compared, on CIFAR-10, each k alone."""
-    counts, labels = read_counts(CIFAR_COUNTS)
-    p = counts / counts.sum(axis=1, keepdims=True)
+def variants(name: str, p: np.ndarray, labels: np.ndarray, repeats: int, seed: int) -> list:
+    """The schedules, spendings and futility levels compared, each k alone."""
     plans = {settings: plan(*settings) for settings in VARIANTS}
     result = compare(p, labels, repeats, seed, plans, KS[:3])
     lines = [
-        f"Variants on CIFAR-10 ({repeats} streams per input), each k alone:",
+        f"Variants on {name} ({repeats} streams per input), each k alone:",
         "",
-        "| first look | growth | spending | futility | fewer samples, k = 1 / 3 / 5 | "
-        "worst loss (points) |",
+        "| first look | growth | at n_max | futility | fewer samples, k = 1 / 3 / 5 | "
+        "loss (points): mean / worst stream |",
         "|---|---|---|---|---|---|",
     ]
     for settings in VARIANTS:
-        factors, loss = [], 0.0
+        factors, loss, worst = [], 0.0, 0.0
         for key in ("1", "3", "5"):
-            s, fixed = summarise(result[key][settings]), summarise(result[key]["fixed"])
+            runs, fixed = result[key][settings], result[key]["fixed"]
+            s, f = summarise(runs), summarise(fixed)
             factors.append(f"{N_MAX / s['mean']:.1f}x")
-            loss = min(loss, 100 * (s["accuracy"] - fixed["accuracy"]).min())
-        first, growth, spending, futility = settings
+            loss = min(loss, 100 * (s["accuracy"] - f["accuracy"]).min())
+            for run, ref in zip(runs, fixed, strict=True):
+                gap = summarise([run])["accuracy"] - summarise([ref])["accuracy"]
+                worst = min(worst, 100 * gap.min())
+        first, growth, share, futility = settings
+        spending = "even" if share is None else f"{share:g} of alpha"
         lines.append(
             f"| {first:,} | {growth:g} | {spending} | {futility:g} | {' / '.join(factors)} | "
-            f"{-loss:.2f} |"
+            f"{-loss:.2f} / {-worst:.2f} |"
         )
     return lines + [""]
 
@@ -263,7 +281,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="streams per input")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the numbers here")
-    parser.add_argument("--variants", action="store_true", help="compare schedules (CIFAR-10)")
+    parser.add_argument("--variants", action="store_true", help="also compare other schedules")
     args = parser.parse_args()
     sources = {"cifar10": CIFAR_COUNTS}
     if "digits" in args.sources:
@@ -277,11 +295,11 @@ def main() -> None:
         result = compare(p, labels, args.repeats, args.seed, methods())
         title = f"{name} ({len(labels)} inputs, probabilities from {sources[name].name})"
         lines += table(title, result) + breakdown(name, result)
+        if args.variants:
+            lines += variants(name, p, labels, args.repeats, args.seed)
         numbers[name] = {
             key: {m: summarise(runs) for m, runs in entry.items()} for key, entry in result.items()
         }
-    if args.variants:
-        lines += variants(args.repeats, args.seed)
     print("\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps(numbers, default=lambda a: np.asarray(a).tolist()))

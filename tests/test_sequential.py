@@ -46,7 +46,8 @@ def test_levels_sum_to_alpha():
     for looks in (1, 2, 22):
         levels = spend(0.001, looks)
         assert levels.sum() <= 0.001 and np.isclose(levels.sum(), 0.001, rtol=1e-12)
-        assert np.isclose(levels[-1], 0.001 if looks == 1 else 0.0005)
+        assert np.isclose(levels[-1], 0.001 if looks == 1 else 0.00075)
+        assert np.allclose(levels[:-1], 0.00025 / max(1, looks - 1))
     assert np.allclose(spend(0.01, 4, [1, 1, 1, 1]), 0.0025)
 
 

@@ -10,7 +10,12 @@ radius that ``topk-smoothing radius`` computes from a count file is not valid fo
 from __future__ import annotations
 
 from certify.commands.report import DEFAULT_RADII
-from certify.math.sequential import DEFAULT_FIRST, DEFAULT_FUTILITY, DEFAULT_GROWTH
+from certify.math.sequential import (
+    DEFAULT_FIRST,
+    DEFAULT_FUTILITY,
+    DEFAULT_GROWTH,
+    DEFAULT_LAST_SHARE,
+)
 from certify.math.validation import check_radii
 
 
@@ -25,6 +30,6 @@ def sequential_metadata(metadata: dict, radii) -> tuple[dict, tuple[float, ...]]
         first=DEFAULT_FIRST,
         growth=DEFAULT_GROWTH,
         futility=DEFAULT_FUTILITY,
-        spending="half of alpha at the last look, the rest evenly",
+        spending=f"{DEFAULT_LAST_SHARE:g} of alpha at the last look, the rest evenly",
     )
     return meta, targets

@@ -12,10 +12,10 @@ counts. The argument, the schedule and the stopping rule are written in ``docs/s
 
 An input stops as soon as every k is *decided* at every target radius: certified, or out of
 reach. A target is out of reach when even optimistic probabilities (the label at its upper
-Clopper-Pearson bound at level ``futility``, the others at their lower bounds) would not
-certify it from ``n_max`` samples at the last look's level. That rule only decides when to
-stop; every reported radius still comes from the valid bounds, so it cannot make a certificate
-wrong, only miss one that more samples would have given.
+Clopper-Pearson bound at level ``futility``, 0.02 at each look, the others at their lower
+bounds) would not certify it from ``n_max`` samples at the last look's level. That rule only
+decides when to stop; every reported radius still comes from the valid bounds, so it cannot
+make a certificate wrong, only miss one that more samples would have given.
 """
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ from certify.math.validation import (
 #: Samples of the first look and the factor by which the looks grow, when not given.
 DEFAULT_FIRST = 1000
 DEFAULT_GROWTH = 1.25
-#: Level of the optimistic bounds that decide that a target is out of reach.
-DEFAULT_FUTILITY = 0.05
+#: Level, at each look, of the optimistic bounds that decide that a target is out of reach.
+DEFAULT_FUTILITY = 0.02
+#: Share of alpha spent at the last look (n_max) by default; the other looks share the rest.
+DEFAULT_LAST_SHARE = 0.75
 
 
 def look_schedule(
@@ -95,19 +97,21 @@ def check_schedule(schedule: Sequence[int], n_max: int) -> tuple[int, ...]:
 
 def spend(alpha: float, looks: int, weights: Sequence[float] | None = None) -> np.ndarray:
     """The levels ``alpha_j`` of the looks: ``alpha`` split in proportion to ``weights``
-    (positive). By default the last look gets half of alpha and the others share the other
-    half evenly: the last look decides the inputs closest to a target, where a smaller level
-    would cost certified accuracy. The levels sum to at most ``alpha``.
+    (positive). By default the last look gets ``DEFAULT_LAST_SHARE`` (3/4) of alpha and the
+    others share the rest evenly: the last look decides the inputs closest to a target, where a
+    smaller level would cost certified accuracy, while an early look's level enters its bounds
+    only through a logarithm. The levels sum to at most ``alpha``.
 
     Example:
-        >>> spend(0.001, 5).tolist()
-        [0.000125, 0.000125, 0.000125, 0.000125, 0.0005]
+        >>> spend(0.001, 6).tolist()
+        [5e-05, 5e-05, 5e-05, 5e-05, 5e-05, 0.00075]
         >>> spend(0.001, 4, [1, 1, 1, 1]).tolist()
         [0.00025, 0.00025, 0.00025, 0.00025]
     """
     alpha = check_alpha(alpha)
     looks = check_int(looks, "looks")
-    default = np.r_[np.ones(looks - 1), max(1, looks - 1)]
+    rest = (1 - DEFAULT_LAST_SHARE) / DEFAULT_LAST_SHARE * np.ones(looks - 1) / max(1, looks - 1)
+    default = np.r_[rest, 1.0]
     w = default if weights is None else np.asarray(weights, dtype=np.float64)
     if w.shape != (looks,) or not (np.isfinite(w).all() and (w > 0).all()):
         raise ValueError(
@@ -170,10 +174,10 @@ def certify_sequential(
             first round).
         schedule: cumulative sample sizes of the looks, ending at ``n_max``; default
             ``look_schedule(n_max)`` (1,000 samples, then 25 % more at each look).
-        spending: relative weights of the looks' levels (default: ``spend``'s, half of
+        spending: relative weights of the looks' levels (default: ``spend``'s, 3/4 of
             alpha at the last look).
-        futility: level of the optimistic bounds that stop pursuing a target out of reach;
-            ``None`` pursues every target until certified or ``n_max``.
+        futility: level, at each look, of the optimistic bounds that stop pursuing a target
+            out of reach; ``None`` pursues every target until certified or ``n_max``.
 
     Returns:
         A :class:`SequentialCertificate`.
@@ -186,7 +190,7 @@ def certify_sequential(
         ...     return torch.from_numpy(counts * active.numpy()[:, None])
         >>> cert = certify_sequential(draw, [0, 0], (1, 2), 0.25, 0.001, (0.25, 0.5), 100_000)
         >>> cert.radius.tolist(), cert.samples.tolist()
-        ([[0.5, 0.5], [0.5, 0.5]], [3052, 1000])
+        ([[0.5, 0.5], [0.5, 0.5]], [3052, 1250])
     """
     labels = np.asarray(to_numpy(labels))
     if labels.ndim != 1:
