@@ -2,7 +2,8 @@
 
 Where things live:
 
-- ``certify.math``: Clopper-Pearson bounds, Theorem 1's radius, PREDICT; no Lightning.
+- ``certify.math``: Clopper-Pearson bounds, Theorem 1's radius, PREDICT, sequential
+  certification; no Lightning.
 - ``certify.sampling``: ``SmoothedClassifier``, the seeded noise streams, batch packing and
   batch-size tuning; no Lightning.
 - ``certify.training``: the ``CertifiedTopKAccuracy`` metric and the
@@ -22,16 +23,19 @@ from certify.math.bounds import (
 )
 from certify.math.prediction import certified_prediction, top_k_set
 from certify.math.radius import certified_radius, radius_from_bounds
+from certify.math.sequential import SequentialCertificate, certify_sequential
 from certify.sampling.smoothing import SmoothedClassifier
 from certify.training.metric import CertifiedTopKAccuracy
 
 __all__ = [
     "CertificationCallback",
     "CertifiedTopKAccuracy",
+    "SequentialCertificate",
     "SmoothedClassifier",
     "binocp_bounds",
     "certified_prediction",
     "certified_radius",
+    "certify_sequential",
     "clopper_pearson_lower",
     "clopper_pearson_upper",
     "radius_from_bounds",

@@ -151,6 +151,7 @@ class TopkLightningCLI(SmoothingSubcommands, LightningCLI):
                 check_certify_settings(
                     c.n, c.alpha, c.bounds, c.split, c.skip, c.max_examples, c.batch_size, c.sigma,
                     c.autocast, seed=c.seed, k=c.k, output_dir=c.output_dir,
+                    sequential=c.sequential, radii=c.radii,
                 )  # fmt: skip
             except CertifySettingsError as err:
                 raise StartupError(str(err)) from None
@@ -257,6 +258,16 @@ def list_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
     return out
 
 
+def flag_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """``--sequential`` with no value (last, or before another option) -> ``--sequential=true``."""
+    return [
+        f"{arg}=true"
+        if arg in names and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
+        else arg
+        for i, arg in enumerate(argv)
+    ]
+
+
 def main(argv: list[str]) -> int:
     """Run ``topk-smoothing <fit|validate|test|certify|predict> ...``; 2 on a start-up mistake."""
     prog = " ".join(["topk-smoothing", *argv[:1]])
@@ -266,9 +277,11 @@ def main(argv: list[str]) -> int:
         # progress, and an output directory or resume refusal (found once the trainer
         # exists) stays one line
         logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
-    lists = ("--k",) if argv[:1] == ["certify"] else ()  # certify's --k takes several values
+    # certify's --k and --radii take several values
+    lists = ("--k", "--radii") if argv[:1] == ["certify"] else ()
     try:
-        TopkLightningCLI(args=list_options(list(argv), lists))
+        args = flag_options(list_options(list(argv), lists), ("--sequential",))
+        TopkLightningCLI(args=args)
     except ONE_LINE_ERRORS as err:
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return 2

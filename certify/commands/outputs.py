@@ -63,9 +63,11 @@ class CertifyOutput:
         self.directory = Path(directory)
         self.metadata = dict(metadata)
         self.top_k = tuple(top_k)
+        #: a ``--sequential`` run: a ``samples`` column, no ``counts.txt``
+        self.sequential = self.metadata.get("mode") == "sequential"
         self.header = [
             "idx", "label", *(f"pred{i + 1}" for i in range(max(self.top_k))),
-            *(f"radius_top{k}" for k in self.top_k), "seconds",
+            *(f"radius_top{k}" for k in self.top_k), *(["samples"] * self.sequential), "seconds",
         ]  # fmt: skip
 
     # ------------------------------------------------------------------ settings
@@ -141,11 +143,15 @@ class CertifyOutput:
                 os.truncate(path, keep)
         return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
-    def row(self, idx: int, label: int, top_labels, radii, seconds: float, counts) -> str:
-        """One part line: the TSV fields, then the counts (space separated)."""
+    def row(
+        self, idx: int, label: int, top_labels, radii, seconds: float, counts, samples=None
+    ) -> str:
+        """One part line: the TSV fields, then the counts (space separated).
+
+        ``samples``: the samples drawn for the example (a sequential run's column)."""
         fields = [
             str(idx), str(label), *map(str, top_labels), *map(_format_radius, radii),
-            f"{seconds:.4f}", " ".join(map(str, counts)),
+            *([str(samples)] * self.sequential), f"{seconds:.4f}", " ".join(map(str, counts)),
         ]  # fmt: skip
         return "\t".join(fields) + "\n"
 
@@ -164,7 +170,9 @@ class CertifyOutput:
 
     # ------------------------------------------------------------------ merge
     def merge(self, selected: Sequence[int]) -> bool:
-        """Write ``certify.tsv`` and ``counts.txt`` if every selected example is done."""
+        """Write ``certify.tsv`` and ``counts.txt`` (not for a sequential run: its counts were
+        stopped by looking at them, and ``radius`` on them would not be a certificate) if every
+        selected example is done."""
         rows = self.read_parts()
         if any(int(i) not in rows for i in selected):
             return False
@@ -173,5 +181,6 @@ class CertifyOutput:
         counts = np.array([[int(v) for v in f[-1].split()] for f in lines], dtype=np.int64)
         labels = np.array([int(f[1]) for f in lines], dtype=np.int64)
         write_atomic(self.directory / RESULTS, table)
-        write_atomic(self.directory / COUNTS, [format_counts(counts, labels)])
+        if not self.sequential:
+            write_atomic(self.directory / COUNTS, [format_counts(counts, labels)])
         return True

@@ -10,27 +10,22 @@ processes like ``certify`` (the same part files and ``Trainer.predict``), into `
 
 from __future__ import annotations
 
-import re
-import signal
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from certify.commands.images import FolderImages, evaluation_transform
 from certify.commands.outputs import data_identity
 from certify.commands.predict_output import COUNTS, PREDICTIONS, PredictOutput
-from certify.commands.runner import CertifyTask, file_sha256, select_examples
 from certify.commands.settings import CertifySettingsError, check_settings
 from certify.commands.startup import Weights, default_output_dir, device_text, startup_line
+from certify.commands.task import SamplingTask, file_sha256, select_examples
 from certify.math.prediction import certified_prediction, select_top_k
 from certify.math.validation import check_int, check_sigma, check_top_k
-from certify.sampling.options import check_autocast, check_compile
-from certify.sampling.smoothing import SmoothedClassifier
+from certify.sampling.options import check_compile
 
 
 def check_predict_settings(n0, n, alpha, k, split, images, **more) -> None:
@@ -52,44 +47,17 @@ def check_predict_settings(n0, n, alpha, k, split, images, **more) -> None:
         raise CertifySettingsError(f"images {images!r} is not a directory")
 
 
-class PredictTask(CertifyTask):
-    """Predict ``selected`` examples of ``dataset`` with the smoothed ``net`` (``CertifyTask``'s
-    loading, sharding and part files; other rows). ``options``: ``n0``, ``n``, ``k``, ``alpha``,
-    ``sigma``, ``seed``, ``batch_size``, ``channels_last``, ``autocast``, ``compile``."""
+class PredictTask(SamplingTask):
+    """Predict ``selected`` examples of ``dataset`` with the smoothed ``net``
+    (``SamplingTask``); ``options`` also hold ``n0``, ``k`` and ``alpha``."""
 
-    def on_predict_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if self.trainer.received_sigterm:  # stop between batches, as certify does
-            if self.global_rank == 0:
-                print(
-                    f"predict: stopped by SIGTERM; the finished examples are kept in "
-                    f"{self.output.directory}, rerun the same command to continue",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            raise SIGTERMException(128 + signal.SIGTERM)
+    command = "predict"
 
     def _counts(self, x: torch.Tensor, n: int, ids: list[int], purpose: str) -> torch.Tensor:
         opts = self.options
-        if self._smoothed is None:  # one for the run: compiled once, tuned once
-            self._smoothed = SmoothedClassifier(
-                self.net, self.num_classes, opts["sigma"],
-                autocast_dtype=check_autocast(opts["autocast"]),
-                channels_last=opts["channels_last"], compile=opts["compile"],
-            )  # fmt: skip
-        try:
-            return self._smoothed.sample_counts(
-                x, n, opts["batch_size"], opts["seed"], ids, purpose
-            ).cpu()  # (b, c)
-        except RuntimeError as err:  # torch.OutOfMemoryError, or the CPU allocator's refusal
-            text = str(err)
-            if not isinstance(err, torch.OutOfMemoryError) and "allocate memory" not in text:
-                raise
-            tried = re.search(r"tried to allocate [\d.]+ ?\w+", text, re.IGNORECASE)
-            raise CertifySettingsError(
-                f"batch_size {opts['batch_size'] or '(tuned)'} does not fit in memory ("
-                f"{tried.group(0) if tried else text.splitlines()[0][:120]}); choose a smaller "
-                "--batch_size, or leave it out to have one tuned"
-            ) from None
+        return self.sample(
+            self.smoothed.sample_counts, x, n, opts["batch_size"], opts["seed"], ids, purpose
+        ).cpu()  # (b, c)
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, labels, indices = batch  # (b, C, H, W), (b,), (b,)
@@ -114,15 +82,8 @@ class PredictTask(CertifyTask):
         self.output.append(self._fd, lines)
         return radii
 
-    def on_predict_end(self) -> None:
-        import os
-
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self.trainer.strategy.barrier("predict-merge")
-        if self.global_rank == 0:
-            finish_predict(self.output, self.selected)
+    def finish(self) -> None:
+        finish_predict(self.output, self.selected)
 
 
 def finish_predict(output: PredictOutput, selected: list[int]) -> bool:

@@ -71,14 +71,31 @@ def accuracy_table(radii: np.ndarray, top_k: list[int], at: tuple[float, ...]):
     return accuracy.numpy(), acr.numpy()
 
 
-def _describe(meta: dict, count: int) -> str:
+def _describe(meta: dict, count: int, samples: np.ndarray | None = None) -> str:
     parts = [f"examples: {count}"]
+    if meta.get("mode") == "sequential":
+        parts.append(f"sequential, n_max: {meta.get('n_max')}")
+        if samples is not None:
+            parts.append(f"mean samples: {samples.mean():.0f} (median {np.median(samples):.0f})")
     for key in ("n", "alpha", "sigma", "bounds", "split", "skip", "max_examples"):
         if meta.get(key) is not None:
             parts.append(f"{key}: {meta[key]}")
-    if "n" not in meta:
+    if "n" not in meta and meta.get("mode") != "sequential":
         parts.append("n: unknown (pass --n)")
     return ", ".join(parts)
+
+
+def read_samples(path: Path) -> np.ndarray | None:
+    """The ``samples`` column of a sequential run's ``certify.tsv`` (None without one)."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    header = lines[0].split("\t")
+    if "samples" not in header:
+        return None
+    column = header.index("samples")
+    try:
+        return np.array([int(line.split("\t")[column]) for line in lines[1:]], dtype=np.int64)
+    except ValueError:
+        raise ReportError(f"{path}: a samples value is not an integer") from None
 
 
 def markdown_table(top_k, at, accuracy, acr, description: str) -> str:
@@ -128,13 +145,14 @@ def plot_curves(radii: np.ndarray, top_k, description: str, path: Path) -> None:
     tmp.replace(path)
 
 
-def write_report(tsv: str | Path, at=DEFAULT_RADII, output_dir=None, n: int | None = None) -> dict:
-    """Write ``report.md``, ``report.csv`` and ``certified_accuracy.png``; return the numbers."""
+def write_report(tsv: str | Path, at=None, output_dir=None, n: int | None = None) -> dict:
+    """Write ``report.md``, ``report.csv`` and ``certified_accuracy.png``; return the numbers.
+
+    ``at``: the radii of the table (default: ``DEFAULT_RADII``, or a sequential run's targets:
+    its radii are targets, so accuracy between them would be understated).
+    """
     tsv = Path(tsv)
     top_k, radii = read_radii_tsv(tsv)
-    at = tuple(float(r) for r in at)
-    if not at or any(not (r >= 0 and math.isfinite(r)) for r in at):
-        raise ReportError(f"radii must be finite numbers >= 0, got {list(at)}")
     meta_path = tsv.parent / METADATA
     try:
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
@@ -143,8 +161,14 @@ def write_report(tsv: str | Path, at=DEFAULT_RADII, output_dir=None, n: int | No
     meta = meta if isinstance(meta, dict) else {}
     if n is not None:
         meta["n"] = n
+    if at is None:
+        sequential = meta.get("mode") == "sequential" and isinstance(meta.get("radii"), list)
+        at = meta["radii"] if sequential else DEFAULT_RADII
+    at = tuple(float(r) for r in at)
+    if not at or any(not (r >= 0 and math.isfinite(r)) for r in at):
+        raise ReportError(f"radii must be finite numbers >= 0, got {list(at)}")
     accuracy, acr = accuracy_table(radii, top_k, at)
-    description = _describe(meta, len(radii))
+    description = _describe(meta, len(radii), read_samples(tsv))
     out = Path(output_dir) if output_dir is not None else tsv.parent
     out.mkdir(parents=True, exist_ok=True)  # only once the numbers stand
     write_atomic(out / "report.md", [markdown_table(top_k, at, accuracy, acr, description)])
@@ -163,7 +187,12 @@ def write_report(tsv: str | Path, at=DEFAULT_RADII, output_dir=None, n: int | No
 
 def configure_report(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("tsv", help="certify.tsv (or a `radius` output) with radius_top{k} columns")
-    parser.add_argument("--radii", type=float, nargs="+", default=list(DEFAULT_RADII))
+    parser.add_argument(
+        "--radii",
+        type=float,
+        nargs="+",
+        help="radii of the table (default: 0 0.25 0.5 0.75 1 1.5 2, or a sequential run's)",
+    )
     parser.add_argument("--output-dir", help="where to write (default: next to the TSV)")
     parser.add_argument("--n", type=int, help="samples per example, when no certify.json says")
 

@@ -6,6 +6,7 @@ from certify.math.validation import (
     check_alpha,
     check_bounds,
     check_int,
+    check_radii,
     check_seed,
     check_sigma,
     check_top_k,
@@ -22,9 +23,20 @@ def check_settings(
 ) -> None:
     """Reject impossible ``certify`` settings before anything is built.
 
-    ``more``: ``seed``, ``k`` (a list, or None for the default) and ``output_dir``, if given.
-    The k values are checked against the number of classes once the model is built.
+    ``more``: ``seed``, ``k`` (a list, or None for the default), ``output_dir``,
+    ``sequential`` and ``radii`` (its targets), if given. The k values are checked against the
+    number of classes once the model is built.
     """
+    if more.get("radii") is not None and not more.get("sequential"):
+        raise CertifySettingsError(
+            "--radii sets the targets of --sequential true; a fixed-n run certifies every "
+            "radius (choose the report's radii with `topk-smoothing report --radii`)"
+        )
+    if more.get("sequential") and bounds != "simuem":
+        raise CertifySettingsError(
+            "--sequential true bounds with simuem (Clopper-Pearson per label), got bounds "
+            f"{bounds!r}"
+        )
     if "output_dir" in more and more["output_dir"] is not None:
         if not str(more["output_dir"]).strip():
             raise CertifySettingsError(
@@ -45,5 +57,7 @@ def check_settings(
         check_seed(more.get("seed"))
         if sigma is not None:
             check_sigma(sigma)
+        if more.get("radii") is not None:
+            check_radii(more["radii"])
     except ValueError as err:
         raise CertifySettingsError(str(err)) from None

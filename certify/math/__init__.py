@@ -4,5 +4,6 @@
 - ``radius``: ``certified_radius`` from counts, ``radius_from_bounds`` from given bounds.
 - ``prediction``: ``top_k_set``, the smoothed top-k label set or an abstention, and
   ``certified_prediction``, the set chosen on one sample with a radius per label from another.
+- ``sequential``: ``certify_sequential``, the certificates of CERTIFY from rounds of samples.
 - ``validation``: the argument checks every part of the project shares.
 """

@@ -135,3 +135,17 @@ def check_bounds(bounds: str) -> str:
     if bounds not in ("simuem", "binocp"):
         raise ValueError(f"bounds must be 'simuem' or 'binocp', got {bounds!r}")
     return bounds
+
+
+def check_radii(radii, name: str = "radii") -> tuple[float, ...]:
+    """Target radii: at least one, each a finite number >= 0, distinct; returned ascending."""
+    values = (radii,) if isinstance(radii, (int, float, np.floating)) else tuple(radii)
+    if not values:
+        raise ValueError(f"{name}: at least one radius is needed")
+    for r in values:
+        ok = isinstance(r, (int, float, np.integer, np.floating)) and not isinstance(r, bool)
+        if not ok or not math.isfinite(r) or r < 0:
+            raise ValueError(f"{name} must be finite numbers >= 0, got {r!r}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} must be distinct, got {[float(r) for r in values]}")
+    return tuple(sorted(float(r) for r in values))

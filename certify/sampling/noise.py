@@ -148,15 +148,17 @@ class ChunkNoise:
         noisy: ``(rows, *shape)`` noise buffer; ``sigma``: the noise level.
         seed: base seed; ``ids``: the inputs' example ids; ``chunks``: chunks per input.
         purpose: the streams' purpose (``PURPOSES``).
+        first: the stream's chunk that chunk 0 of ``draw`` is (to draw a later part of it).
     """
 
     def __init__(
-        self, noisy: torch.Tensor, sigma: float, seed: int, ids, chunks: int, purpose="certify"
-    ):
+        self, noisy: torch.Tensor, sigma: float, seed: int, ids, chunks: int, purpose="certify",
+        first: int = 0,
+    ):  # fmt: skip
         flat = noisy.permute(0, 2, 3, 1) if not noisy.is_contiguous() else noisy
         self.flat, self.sigma = flat, sigma
         streams = [stream_seed(seed, i, purpose) for i in ids]
-        self.seeds = chunk_seeds(streams, chunks)  # (B, chunks)
+        self.seeds = chunk_seeds(streams, first + chunks)[:, first:]  # (B, chunks)
         self.generator = torch.Generator(device=flat.device)
 
     def __call__(self, b: int, j: int, row: int, length: int) -> None:

@@ -24,6 +24,7 @@ from certify.sampling.batching import LabelForward, auto_batch_size
 from certify.sampling.decisions import SmoothedDecisions
 from certify.sampling.noise import ChunkNoise, add_inputs, check_purpose, noise_chunk
 from certify.sampling.packing import capacity, plan
+from certify.sampling.rounds import SequentialCertification
 
 #: A typical batch size, for callers planning how many inputs to pass per call; the sampler
 #: itself tunes the batch size when none is given (``SmoothedClassifier.auto_batch_size``).
@@ -36,7 +37,7 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-class SmoothedClassifier(SmoothedDecisions):
+class SmoothedClassifier(SmoothedDecisions, SequentialCertification):
     """Randomized smoothing of a base classifier ``model`` with noise N(0, sigma^2 I).
 
     Sampling runs on the model's device: the noise is drawn there, several inputs share a
@@ -132,6 +133,7 @@ class SmoothedClassifier(SmoothedDecisions):
         seed: int | None = None,
         example_ids: Sequence[int] | torch.Tensor | None = None,
         purpose: str = "certify",
+        start: int = 0,
     ) -> torch.Tensor:
         """Count the base classifier's predictions on ``n`` noisy copies of each input.
 
@@ -148,6 +150,9 @@ class SmoothedClassifier(SmoothedDecisions):
             purpose: what the samples are for (``certify.sampling.noise.PURPOSES``):
                 ``"certify"``, ``"validation"`` (the callback) or ``"selection"`` (samples
                 that choose labels); the same seed and id give unrelated noise for each.
+            start: index of the first sample of each stream (samples ``start .. start + n -
+                1``), a multiple of the noise chunk (``noise_chunk``: 128 on a CPU). Rounds
+                ``[0, a)`` and ``[a, b)`` count the same samples as one call ``[0, b)``.
 
         Returns:
             ``(B, num_classes)`` int64 counts on the model's device; every row sums to n.
@@ -158,6 +163,7 @@ class SmoothedClassifier(SmoothedDecisions):
         ids = self._example_ids(example_ids, x.shape[0])
         seed = check_seed(seed)
         check_purpose(purpose)
+        start = check_int(start, "start", low=0)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         noise_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -175,18 +181,24 @@ class SmoothedClassifier(SmoothedDecisions):
                     samples=x.shape[0] * n,
                 )
             chunk = noise_chunk(x.device, x.shape[1:])
+            if start % chunk:
+                raise ValueError(
+                    f"start must be a multiple of the noise chunk ({chunk} samples for these "
+                    f"inputs on {x.device.type}), got {start}"
+                )
             batch_size = min(batch_size, x.shape[0] * n)  # no buffer beyond the call's needs
-            return self._sample(x, n, batch_size, seed, ids, chunk, purpose)
+            return self._sample(x, n, batch_size, seed, ids, chunk, purpose, start // chunk)
         finally:
             self.model.train(was_training)
 
     def _sample(
         self, x: torch.Tensor, n: int, batch_size: int, seed: int, ids: list[int], chunk: int,
-        purpose: str,
+        purpose: str = "certify", first_chunk: int = 0,
     ) -> torch.Tensor:  # fmt: skip
         """The sampling loop (model in eval mode, inference mode on); see ``sampling.packing``.
 
-        ``chunk``: samples per noise chunk (``noise_chunk``; part of the counts' identity).
+        ``chunk``: samples per noise chunk (``noise_chunk``; part of the counts' identity);
+        ``first_chunk``: the stream's chunk that the plan's chunk 0 is.
         """
         device, c = x.device, self.num_classes
         rows = capacity(batch_size, chunk)
@@ -194,7 +206,7 @@ class SmoothedClassifier(SmoothedDecisions):
         noisy = self._forward.buffer(rows, x.shape[1:], x.dtype, device)  # (rows, *shape)
         owner = torch.empty(rows, dtype=torch.int64, device=device)  # (rows,) b * c
         ones = torch.ones(batch_size, dtype=torch.int64, device=device)  # (batch_size,)
-        draw = ChunkNoise(noisy, self.sigma, seed, ids, -(-n // chunk), purpose)
+        draw = ChunkNoise(noisy, self.sigma, seed, ids, -(-n // chunk), purpose, first_chunk)
         # Rows whose input is yet to be added: runs [input, first row, end row] that follow
         # each other in the buffer (added together, before anything can overwrite them).
         runs: list[list[int]] = []

@@ -24,6 +24,7 @@ from certify.math.validation import (
     check_alpha,
     check_bounds,
     check_int,
+    check_radii,
     check_seed,
     check_sigma,
     check_top_k,
@@ -56,6 +57,11 @@ class CertificationCallback(pl.Callback):
             nets on CPUs; another noise layout, so other counts than the default).
         autocast: ``"bf16"`` or ``"fp16"``: the sampler's forward passes in that precision
             (about 2x faster for ResNets on recent GPUs; other counts than float32).
+        sequential: certify in growing rounds of samples with ``n`` as the most per example,
+            stopping an example once every k is decided at every radius of ``radii``
+            (``docs/sequential.md``): the same certified accuracy at ``radii`` from a fraction
+            of the samples. The logged ACR then averages the radii reached (a lower bound),
+            and ``val/certify_samples`` is the mean number of samples per example.
     """
 
     def __init__(
@@ -74,6 +80,7 @@ class CertificationCallback(pl.Callback):
         examples_per_call: int = 64,
         channels_last: bool = False,
         autocast: str | None = None,
+        sequential: bool = False,
     ) -> None:
         super().__init__()
         check_int(n, "n")
@@ -96,6 +103,12 @@ class CertificationCallback(pl.Callback):
         self.channels_last = bool(channels_last)
         check_autocast(autocast)
         self.autocast = autocast
+        self.sequential = bool(sequential)
+        if self.sequential:
+            if bounds != "simuem":
+                raise ValueError(f"sequential certification bounds with simuem, got {bounds!r}")
+            check_radii(radii)
+        self.samples: list[int] = []  # per example, of the last sequential certification
         self.indices: np.ndarray | None = None
         self.dataset = None
         self.last_seconds: float | None = None
@@ -199,6 +212,10 @@ class CertificationCallback(pl.Callback):
             self.certify_seconds += seconds
         pl_module.log_dict({f"val/{key}": value.float() for key, value in values.items()})
         pl_module.log("val/certify_seconds", seconds, reduce_fx="max", sync_dist=True)
+        if self.sequential:  # the mean over all processes' examples
+            local = torch.tensor([sum(self.samples), len(self.samples)], dtype=torch.float64)
+            total, count = trainer.strategy.reduce(local.to(pl_module.device), reduce_op="sum")
+            pl_module.log("val/certify_samples", float(total / count.clamp(min=1)))
         self._log_curve(trainer, metric, values)
         accuracy, acr = metric.compute_table()
         epoch = trainer.current_epoch if trainer.state.fn == "fit" else None
@@ -235,10 +252,20 @@ class CertificationCallback(pl.Callback):
             share[i : i + self.examples_per_call]
             for i in range(0, len(share), self.examples_per_call)
         ]
+        self.samples = []
         for chunk in self._progress(trainer, calls):
             items = [self.dataset[int(i)] for i in chunk]
             x = torch.stack([torch.as_tensor(item[0]) for item in items])  # (b, C, H, W)
             labels = torch.tensor([int(item[1]) for item in items])  # (b,)
+            if self.sequential:
+                cert = smoothed.certify_sequential(
+                    x, labels, self.top_k, self.radii, self.n, self.alpha,
+                    batch_size=self.batch_size, seed=self.seed, example_ids=chunk.tolist(),
+                    purpose="validation",
+                )  # fmt: skip
+                self.samples += cert.samples.tolist()
+                metric.update(cert.radius)  # (b, K) the largest radius of `radii` certified
+                continue
             radii = smoothed.certify(
                 x,
                 labels,

@@ -1,0 +1,309 @@
+"""Samples saved by sequential certification, at the certified accuracy of fixed n.
+
+Every input is a multinomial whose probabilities are the proportions of a row of counts:
+
+- CIFAR-10: the authors' counts of a ResNet-110 at sigma = 0.25 (500 test images,
+  ``tests/data/cifar10_resnet110_sigma0.25/counts.txt``);
+- digits: the counts of the digits CNN of ``configs/digits.yaml`` on its 360 test images,
+  n = 10,000, sigma = 0.25. The script trains it (``topk-smoothing fit``) and certifies it
+  (``topk-smoothing certify --n 10000``) in a temporary directory, unless given a count file
+  (``--digits-counts``) or a checkpoint (``--digits-ckpt``).
+
+For each input, one stream of n_max = 100,000 samples is drawn; the fixed-n method bounds all
+of them (``certified_radius``, SimuEM, alpha = 0.001) and reports the largest target radius
+(0.25, 0.5, 0.75) below its radius; each sequential method looks at prefixes of the same
+stream (so the comparison is paired). Certified top-k accuracy at each target radius and the
+mean and median samples per input are averaged over ``--repeats`` streams, for k = 1, 3, 5
+each certified alone, and for the three certified together (one run decides every k). The
+sequential methods:
+
+- ``sequential``: the defaults of ``certify.math.sequential`` (looks 1,000 x 1.25^j, 3/4 of
+  alpha at n_max, the rest evenly; a target is given up when optimistic bounds at level 0.02
+  show it out of reach at n_max);
+- ``doubling``: looks 1,000 x 2^j, alpha evenly over the 8 looks, a target given up on the
+  point estimates (bounds at level 0.5).
+
+Also printed: where the samples of ``sequential`` go, by how many targets fixed n certifies.
+
+    python benchmarks/sequential_savings.py                    # trains the digits model (~1-8 min)
+    python benchmarks/sequential_savings.py --digits-counts runs/certify/digits/counts.txt
+    python benchmarks/sequential_savings.py --sources cifar10 --variants  # + other schedules
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from certify.commands.countfile import read_counts  # noqa: E402
+from certify.math.radius import certified_radius  # noqa: E402
+from certify.math.sequential import (  # noqa: E402
+    DEFAULT_FIRST,
+    DEFAULT_FUTILITY,
+    DEFAULT_GROWTH,
+    DEFAULT_LAST_SHARE,
+    _certify_rounds,
+    look_schedule,
+    spend,
+)
+
+SIGMA, ALPHA, N_MAX, TARGETS = 0.25, 0.001, 100_000, np.array([0.25, 0.5, 0.75])
+KS = ((1,), (3,), (5,), (1, 3, 5))
+CIFAR_COUNTS = REPO / "tests" / "data" / "cifar10_resnet110_sigma0.25" / "counts.txt"
+
+
+def plan(first: int, growth: float, last_share: float | None, futility: float) -> dict:
+    """A sequential method: its looks, their levels (``last_share`` of alpha at n_max and the
+    rest evenly, or all evenly for None) and the futility level of each look."""
+    looks = look_schedule(N_MAX, first, growth)
+    weights = np.ones(len(looks))
+    if last_share is not None and len(looks) > 1:
+        weights[:-1] = (1 - last_share) / (len(looks) - 1)
+        weights[-1] = last_share
+    return {"looks": looks, "levels": spend(ALPHA, len(looks), weights), "futility": futility}
+
+
+#: The methods of the main table: the library's defaults, and the simple doubling schedule.
+METHODS = {
+    "sequential": (DEFAULT_FIRST, DEFAULT_GROWTH, DEFAULT_LAST_SHARE, DEFAULT_FUTILITY),
+    "doubling": (1000, 2.0, None, 0.5),
+}
+#: The variants compared with ``--variants`` (each k alone): (first, growth, share, futility).
+VARIANTS = [
+    (1000, 2.0, None, 0.5),
+    (1000, 2.0, None, 0.02),
+    (1000, 2.0, 0.75, 0.02),
+    (1000, 1.25, None, 0.02),
+    (1000, 1.25, 0.5, 0.05),
+    (1000, 1.25, 0.5, 0.02),
+    (1000, 1.25, 0.75, 0.05),
+    (1000, 1.25, 0.75, 0.02),
+    (1000, 1.25, 0.75, 0.01),
+    (500, 1.25, 0.75, 0.02),
+    (1000, 1.5, 0.75, 0.02),
+]
+
+
+def methods() -> dict[str, dict]:
+    return {name: plan(*settings) for name, settings in METHODS.items()}
+
+
+def reached(radius: np.ndarray) -> np.ndarray:
+    """How many targets each radius reaches (NaN: none)."""
+    return (np.nan_to_num(radius, nan=-1.0)[..., None] >= TARGETS).sum(axis=-1)
+
+
+def compare(p, labels, repeats: int, seed: int, plans: dict, ks_sets=KS) -> dict:
+    """Certified accuracy and samples of fixed n and of each sequential method, per k set."""
+    points = sorted({n for way in plans.values() for n in way["looks"]})
+    out: dict = {}
+    for r in range(repeats):
+        rng = np.random.default_rng([seed, r])
+        sizes = np.diff([0, *points])
+        steps = np.stack([rng.multinomial(m, p) for m in sizes], axis=1)  # (B, P, c)
+        prefix = dict(zip(points, np.cumsum(steps, axis=1).transpose(1, 0, 2), strict=True))
+        for ks in ks_sets:
+            key = "+".join(map(str, ks))
+            entry = out.setdefault(key, {})
+            fixed = reached(certified_radius(prefix[N_MAX], labels, ks, SIGMA, ALPHA).numpy())
+            entry.setdefault("fixed", []).append({"reached": fixed, "samples": N_MAX})
+            for name, way in plans.items():
+                cert = _certify_rounds(
+                    prefix_draw(prefix, way["looks"]), labels, ks, SIGMA, TARGETS,
+                    way["looks"], way["levels"], way["futility"],
+                )  # fmt: skip
+                run = {"reached": reached(cert.radius.numpy()), "samples": cert.samples.numpy()}
+                entry.setdefault(name, []).append(run)
+    return out
+
+
+def prefix_draw(prefix: dict, looks):
+    """``draw(m, active)`` that returns the stream's samples between consecutive looks."""
+    state = {"look": 0, "before": 0}
+
+    def draw(m, active):
+        n = looks[state["look"]]
+        assert n - state["before"] == m
+        before = prefix[state["before"]] if state["before"] else 0
+        counts = (prefix[n] - before) * active.numpy()[:, None]
+        state["look"], state["before"] = state["look"] + 1, n
+        return torch.from_numpy(counts)
+
+    return draw
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Accuracy (K, R) and samples, averaged over the repeats."""
+    levels = np.arange(len(TARGETS))
+    accuracy = np.mean([(run["reached"][..., None] > levels).mean(axis=0) for run in runs], 0)
+    samples = [np.broadcast_to(run["samples"], run["reached"].shape[:1]) for run in runs]
+    return {
+        "accuracy": accuracy,  # (K, R)
+        "mean": float(np.mean([s.mean() for s in samples])),
+        "median": float(np.mean([np.median(s) for s in samples])),
+    }
+
+
+def table(name: str, result: dict) -> list[str]:
+    lines = [
+        f"### {name}",
+        "",
+        "| k | method | " + " | ".join(f"r = {r:g}" for r in TARGETS)
+        + " | mean samples | median samples | fewer samples |",
+        "|---" * (len(TARGETS) + 5) + "|",
+    ]  # fmt: skip
+    notes = []
+    for key, entry in result.items():
+        ks = key.split("+")
+        summary = {method: summarise(runs) for method, runs in entry.items()}
+        for i, k in enumerate(ks):
+            label = f"top-{k}" if len(ks) == 1 else f"top-{k} (1, 3, 5 in one run)"
+            for method, s in summary.items():
+                cells = " | ".join(f"{100 * v:.1f}%" for v in s["accuracy"][i])
+                lines.append(
+                    f"| {label} | {method} | {cells} | {s['mean']:,.0f} | {s['median']:,.0f} | "
+                    f"{N_MAX / s['mean']:.1f}x |"
+                )
+        for method, s in summary.items():
+            if method != "fixed":
+                gap = 100 * (s["accuracy"] - summary["fixed"]["accuracy"]).min()
+                notes.append(
+                    f"- {method}, k = {key.replace('+', ', ')}: {N_MAX / s['mean']:.1f}x fewer "
+                    f"samples, certified accuracy {gap:+.2f} points against fixed n at the worst "
+                    "(k, radius)"
+                )
+    return lines + [""] + notes + [""]
+
+
+def breakdown(name: str, result: dict) -> list[str]:
+    """Where the samples of ``sequential`` go: by the number of targets fixed n certifies."""
+    lines = [f"Samples of `sequential` on {name} by the fixed-n outcome (first repeat):", ""]
+    lines += ["| k | fixed n certifies | inputs | mean samples | share of all samples |"]
+    lines += ["|---|---|---|---|---|"]
+    for key in ("1", "3", "5"):
+        fixed = result[key]["fixed"][0]["reached"][:, 0]
+        samples = result[key]["sequential"][0]["samples"]
+        for level in range(len(TARGETS) + 1):
+            chosen = fixed == level
+            what = "nothing" if level == 0 else f"up to r = {TARGETS[level - 1]:g}"
+            if chosen.any():
+                lines.append(
+                    f"| top-{key} | {what} | {int(chosen.sum())} | "
+                    f"{samples[chosen].mean():,.0f} | {samples[chosen].sum() / samples.sum():.0%} |"
+                )
+    return lines + [""]
+
+
+def variants(name: str, p: np.ndarray, labels: np.ndarray, repeats: int, seed: int) -> list:
+    """The schedules, spendings and futility levels compared, each k alone."""
+    plans = {settings: plan(*settings) for settings in VARIANTS}
+    result = compare(p, labels, repeats, seed, plans, KS[:3])
+    lines = [
+        f"Variants on {name} ({repeats} streams per input), each k alone:",
+        "",
+        "| first look | growth | at n_max | futility | fewer samples, k = 1 / 3 / 5 | "
+        "loss (points): mean / worst stream |",
+        "|---|---|---|---|---|---|",
+    ]
+    for settings in VARIANTS:
+        factors, loss, worst = [], 0.0, 0.0
+        for key in ("1", "3", "5"):
+            runs, fixed = result[key][settings], result[key]["fixed"]
+            s, f = summarise(runs), summarise(fixed)
+            factors.append(f"{N_MAX / s['mean']:.1f}x")
+            loss = min(loss, 100 * (s["accuracy"] - f["accuracy"]).min())
+            for run, ref in zip(runs, fixed, strict=True):
+                gap = summarise([run])["accuracy"] - summarise([ref])["accuracy"]
+                worst = min(worst, 100 * gap.min())
+        first, growth, share, futility = settings
+        spending = "even" if share is None else f"{share:g} of alpha"
+        lines.append(
+            f"| {first:,} | {growth:g} | {spending} | {futility:g} | {' / '.join(factors)} | "
+            f"{-loss:.2f} / {-worst:.2f} |"
+        )
+    return lines + [""]
+
+
+def digits_counts(args) -> Path:
+    """The digits model's counts at n = 10,000: given, or from a fit and a certify run."""
+    if args.digits_counts:
+        return Path(args.digits_counts)
+    work = Path(tempfile.mkdtemp(prefix="sequential_savings_"))
+    env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="offline")
+    config = str(REPO / "configs" / "digits.yaml")
+    ckpt = args.digits_ckpt
+    if ckpt is None:
+        print(f"training the digits model in {work} ...", file=sys.stderr, flush=True)
+        fit = [sys.executable, "-m", "certify", "fit", "--config", config,
+               "--trainer.enable_progress_bar", "false"]  # fmt: skip
+        subprocess.run(fit, cwd=work, env=env, check=True, capture_output=True)
+        ckpt = str(next(work.glob("runs/**/checkpoints/best-*.ckpt")))
+    print(f"certifying the digits test split, n = 10,000, with {ckpt} ...", file=sys.stderr)
+    certify = [sys.executable, "-m", "certify", "certify", "--config", config, "--ckpt_path",
+               ckpt, "--n", "10000", "--alpha", str(ALPHA), "--output_dir", "counts",
+               "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    subprocess.run(certify, cwd=work, env=env, check=True, capture_output=True)
+    return work / "counts" / "counts.txt"
+
+
+def machine() -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    return (
+        f"{datetime.date.today()}, commit {commit or 'unknown'}, torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sources", nargs="+", default=["cifar10", "digits"])
+    parser.add_argument("--digits-counts", help="a count file of the digits model (n = 10,000)")
+    parser.add_argument("--digits-ckpt", help="a digits checkpoint to certify (skips the fit)")
+    parser.add_argument("--repeats", type=int, default=5, help="streams per input")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the numbers here")
+    parser.add_argument("--variants", action="store_true", help="also compare other schedules")
+    args = parser.parse_args()
+    sources = {"cifar10": CIFAR_COUNTS}
+    if "digits" in args.sources:
+        sources["digits"] = digits_counts(args)
+    lines = [f"Sequential vs fixed n ({machine()}); n_max = {N_MAX:,}, alpha = {ALPHA}, "
+             f"sigma = {SIGMA}, {args.repeats} streams per input", ""]  # fmt: skip
+    numbers = {}
+    for name in args.sources:
+        counts, labels = read_counts(sources[name])
+        p = counts / counts.sum(axis=1, keepdims=True)
+        result = compare(p, labels, args.repeats, args.seed, methods())
+        title = f"{name} ({len(labels)} inputs, probabilities from {sources[name].name})"
+        lines += table(title, result) + breakdown(name, result)
+        if args.variants:
+            lines += variants(name, p, labels, args.repeats, args.seed)
+        numbers[name] = {
+            key: {m: summarise(runs) for m, runs in entry.items()} for key, entry in result.items()
+        }
+    print("\n".join(lines))
+    if args.json:
+        Path(args.json).write_text(json.dumps(numbers, default=lambda a: np.asarray(a).tolist()))
+
+
+if __name__ == "__main__":
+    main()
