@@ -47,9 +47,10 @@ def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "certify", *args]
 
 
-def run(args: list[str], log: Path) -> float:
+def run(args: list[str], log: Path, threads: int) -> float:
     """Run a command with its output in ``log``; return its wall time, or exit on failure."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the subprocess
     start = time.perf_counter()
     with open(log, "a") as out:
         done = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -73,7 +74,9 @@ def read_report(csv_path: Path) -> dict:
     return table
 
 
-def one_run(loss: str, sigma: float, seed: int, out: Path, n: int, alpha: float) -> dict:
+def one_run(
+    loss: str, sigma: float, seed: int, out: Path, n: int, alpha: float, threads: int
+) -> dict:
     folder = out / loss / f"sigma{sigma:g}" / f"seed{seed}"
     result_path = folder / "result.json"
     if result_path.exists():
@@ -94,6 +97,7 @@ def one_run(loss: str, sigma: float, seed: int, out: Path, n: int, alpha: float)
                 "--trainer.default_root_dir", str(fit_dir), *resume,
             ),
             folder / "fit.log",
+            threads,
         )  # fmt: skip
     print(f"certify {loss} sigma={sigma:g} seed={seed}", flush=True)
     certify_dir = folder / "certify"
@@ -104,6 +108,7 @@ def one_run(loss: str, sigma: float, seed: int, out: Path, n: int, alpha: float)
             "--output_dir", str(certify_dir), "--trainer.logger", "false",
         ),
         folder / "certify.log",
+        threads,
     )  # fmt: skip
     result = {
         "loss": loss,
@@ -112,6 +117,7 @@ def one_run(loss: str, sigma: float, seed: int, out: Path, n: int, alpha: float)
         "n": n,
         "alpha": alpha,
         "epochs": epochs,
+        "threads": threads,
         "fit_seconds": None if fit_seconds is None else round(fit_seconds, 1),
         "certify_seconds": round(certify_seconds, 1),
         "top_k": {str(k): v for k, v in read_report(certify_dir / "report.csv").items()},
@@ -180,6 +186,9 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--alpha", type=float, default=0.001)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per run (1 suits a shared CPU)"
+    )
     parser.add_argument("--table-only", action="store_true", help="summarise finished runs only")
     args = parser.parse_args()
     out = args.output_dir.resolve()
@@ -193,7 +202,7 @@ def main() -> None:
                     if folder.exists():
                         results.append(json.loads(folder.read_text()))
                     continue
-                results.append(one_run(loss, sigma, seed, out, args.n, args.alpha))
+                results.append(one_run(loss, sigma, seed, out, args.n, args.alpha, args.threads))
     summary = summarise(results)
     report = {"machine": machine(), "summary": summary, "runs": results}
     (out / "results.json").write_text(json.dumps(report, indent=1))

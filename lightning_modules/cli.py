@@ -40,8 +40,9 @@ from lightning_modules.module import NoisyClassifier
 CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 #: Attributes of the datamodule that the model receives.
 LINKED_FROM_DATA = ("num_classes", "mean", "std")
-#: Model arguments that a checkpoint's hyperparameters replace (LightningCLI reads them back).
-FROM_CHECKPOINT = ("arch", "sigma")
+#: Model arguments that a checkpoint's hyperparameters replace (LightningCLI reads them back),
+#: named in a note when they differ.
+FROM_CHECKPOINT = ("arch", "sigma", "loss")
 #: What a class raises at instantiation for a bad setting (value, path, device choice).
 USER_ERRORS = (ValueError, OSError, MisconfigurationException)
 
