@@ -166,11 +166,11 @@ def machine() -> dict:
     except OSError:
         pass
     commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=REPO
     ).stdout.strip()
     return {
         "date": datetime.date.today().isoformat(),
-        "commit": commit,
+        "commit": commit or "unknown (not a git checkout)",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": cpu,
