@@ -81,7 +81,8 @@ def run_dir(trainer: Trainer) -> Path:
 
 class ConfigToLoggers(SaveConfigCallback):
     """Sends the full resolved config to every logger (the W&B run config), with the values
-    linked from the data, and writes ``config.yaml`` (reusable as ``--config``) into the run's
+    linked from the data and the model's settings it resolved from ``None`` (e.g. the loss's
+    defaults), and writes ``config.yaml`` (reusable as ``--config``) into the run's
     folder, next to its ``checkpoints/``."""
 
     def __init__(self, parser: LightningArgumentParser, config, **kwargs: Any) -> None:
@@ -100,6 +101,14 @@ class ConfigToLoggers(SaveConfigCallback):
         if isinstance(init_args, dict):
             hparams = pl_module.hparams
             init_args.update({key: hparams[key] for key in LINKED_FROM_DATA if key in hparams})
+            # Settings the model resolved from None (a loss's defaults): the values it uses.
+            init_args.update(
+                {
+                    key: hparams[key]
+                    for key, value in init_args.items()
+                    if value is None and hparams.get(key) is not None
+                }
+            )
         for logger in trainer.loggers:
             logger.log_hyperparams(config)
 

@@ -1,9 +1,10 @@
 """The LightningModule that trains a base classifier under Gaussian noise (Cohen et al. 2019).
 
 Every batch gets fresh noise N(0, sigma^2 I) in [0, 1] pixel space; the network's first module
-normalises, so the noise is never added after normalisation. The same noise level is used on
-the validation and test inputs, so the logged accuracies are those of the base classifier f
-under the noise its smoothed version g will be certified with.
+normalises, so the noise is never added after normalisation. The training loss is Gaussian
+augmentation, consistency regularization or SmoothAdv (``lightning_modules/losses.py``). The
+same noise level is used on the validation and test inputs, so the logged accuracies are those
+of the base classifier f under the noise its smoothed version g will be certified with.
 
 Noise comes from the module's own generators, one per process: with DDP every process adds
 its own noise to its share of the batch (seeded from the run's seed and the process's global
@@ -16,7 +17,7 @@ from __future__ import annotations
 import random
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -28,6 +29,13 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from certify.math.validation import check_sigma, check_top_k
+from lightning_modules.losses import (
+    consistency_loss,
+    loss_settings,
+    noisy_cross_entropy,
+    smoothadv_attack,
+    warmed_up_epsilon,
+)
 from lightning_modules.models import build_network
 
 RNG_KEY = "rng_states"
@@ -78,7 +86,34 @@ def all_processes(states: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 class NoisyClassifier(LightningModule):
-    """Trains ``net`` with cross-entropy on inputs plus fresh Gaussian noise of level ``sigma``.
+    """Trains ``net`` on inputs plus fresh Gaussian noise of level ``sigma``, with one of three
+    losses (``loss``). ``m`` is ``num_noise_samples``; a batch of B images costs forward and
+    backward passes on ``m * B`` noisy images, and SmoothAdv's attack adds ``steps`` more
+    (forward and backward to the input only, on the same ``m * B`` images):
+
+    - ``"gaussian"`` (default): cross-entropy on the noisy inputs, averaged over the ``m``
+      copies (default m = 1: Cohen et al., ICML 2019). Cost per step: 1 pass on ``m * B``.
+    - ``"consistency"``: Jeong & Shin, "Consistency Regularization for Certified Robustness of
+      Smoothed Classifiers", NeurIPS 2020. ``m`` noisy copies of each input (default 2); the
+      loss is the cross-entropy averaged over the copies, plus ``consistency_lambda`` times the
+      mean over copies of KL(p_avg || p_i) (p_i the softmax of copy i, p_avg their average),
+      plus ``consistency_eta`` times the entropy of p_avg. Defaults: eta = 0.5; lambda = 20
+      for sigma < 0.5 (the paper's 0.25) and 10 from 0.5 up (its 0.5 and 1.0). Cost per step: 1
+      pass on ``m * B`` (the paper splits its batch of 256 into m copies of 128 images: set
+      ``data.batch_size`` to 256 / m to match).
+    - ``"smoothadv"``: Salman et al., "Provably Robust Deep Learning via Adversarially Trained
+      Smoothed Classifiers", NeurIPS 2019 (SmoothAdv-PGD, trained on all noise samples). The
+      same ``m`` noise samples (default 2) serve an l2 PGD attack of ``smoothadv_steps``
+      (default 10) steps of size 2 epsilon / steps on ``-log(mean_i softmax(f(x' + noise_i))_y)``
+      within ``||x' - x|| <= epsilon`` and [0, 1], run with ``net`` in eval mode; then the loss is
+      the cross-entropy averaged over the ``m`` copies ``x' + noise_i``. epsilon grows linearly
+      over the first ``smoothadv_warmup_epochs`` (default 10) epochs, ``min(epsilon, (epoch + 1)
+      * epsilon / warmup)``, up to ``smoothadv_epsilon`` (default 1.0, pixel units in [0, 1];
+      the paper's grid: 0.25, 0.5, 1, 2). Cost per step: ``steps + 1`` passes on ``m * B``.
+
+    Every loss draws its noise through ``add_noise``. The logged keys are the same whatever the
+    loss: ``train/loss`` (the objective) and ``train/ce`` (the cross-entropy part), then
+    ``val/...`` and ``test/...`` (one noisy copy each).
 
     Attributes used by certification: ``net`` (``(B, C, H, W)`` pixels in [0, 1] -> ``(B,
     num_classes)`` logits, normalisation first), ``sigma`` (float) and ``num_classes`` (int).
@@ -99,9 +134,26 @@ class NoisyClassifier(LightningModule):
             SGD with lr 0.1, momentum 0.9 and weight decay 1e-4.
         lr_scheduler: builds the (per-epoch) LR schedule from the optimizer, or ``None``.
             Default: the published recipe, LR x 0.1 every 30 epochs.
+        loss: ``"gaussian"``, ``"consistency"`` or ``"smoothadv"`` (above).
+        num_noise_samples: m, the noisy copies of each training image; ``None``: 1 for
+            ``"gaussian"``, 2 for the others (``"consistency"`` needs at least 2).
+        consistency_lambda: weight of the KL term; ``None``: 20 if sigma < 0.5, else 10.
+        consistency_eta: weight of the entropy term; ``None``: 0.5.
+        smoothadv_epsilon: l2 radius of the attack in pixel units; ``None``: 1.0.
+        smoothadv_steps: PGD steps per training step; ``None``: 10.
+        smoothadv_warmup_epochs: epochs over which epsilon grows to its value (0: none);
+            ``None``: 10.
         channels_last: keep the network's weights and the noisy images channels-last (for
             convolutional networks on GPUs, with ``precision: bf16-mixed``; the same noise
             and the same training, laid out differently in memory).
+
+    Settings of a loss other than ``loss`` are refused (``None`` is their only value). The
+    resolved values are stored in ``hparams`` (and so in checkpoints and the logged config).
+
+    Example:
+        >>> model = NoisyClassifier("digits_cnn", 10, (0.3,), (0.4,), sigma=0.5, loss="consistency")
+        >>> model.loss_settings["consistency_lambda"], model.loss_settings["num_noise_samples"]
+        (10.0, 2)
     """
 
     def __init__(
@@ -119,6 +171,13 @@ class NoisyClassifier(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = lambda optimizer: (
             torch.optim.lr_scheduler.StepLR(optimizer, step_size=30, gamma=0.1)
         ),
+        loss: Literal["gaussian", "consistency", "smoothadv"] = "gaussian",
+        num_noise_samples: int | None = None,
+        consistency_lambda: float | None = None,
+        consistency_eta: float | None = None,
+        smoothadv_epsilon: float | None = None,
+        smoothadv_steps: int | None = None,
+        smoothadv_warmup_epochs: int | None = None,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
@@ -129,6 +188,20 @@ class NoisyClassifier(LightningModule):
             if callable(self.hparams.get(key)):
                 del self.hparams[key]
         self.sigma = check_sigma(sigma)
+        self.loss = loss
+        # The papers' defaults replace None; the resolved values are the run's hyperparameters
+        # (in the checkpoint and, through the CLI, in the logged config).
+        self.loss_settings = loss_settings(
+            loss,
+            self.sigma,
+            num_noise_samples=num_noise_samples,
+            consistency_lambda=consistency_lambda,
+            consistency_eta=consistency_eta,
+            smoothadv_epsilon=smoothadv_epsilon,
+            smoothadv_steps=smoothadv_steps,
+            smoothadv_warmup_epochs=smoothadv_warmup_epochs,
+        )
+        self.hparams.update(self.loss_settings)
         self.num_classes = num_classes
         # k values the data cannot have (k >= num_classes: a fine-tuning set with few classes)
         # are dropped; the CLI names them in a note at start-up.
@@ -187,8 +260,32 @@ class NoisyClassifier(LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         x, y = batch  # (B, C, H, W), (B,)
-        loss = F.cross_entropy(self.net(self.add_noise(x)), y)
+        settings = self.loss_settings
+        m = settings["num_noise_samples"]
+        copies = x.repeat(m, *[1] * (x.dim() - 1))  # (m * B, C, H, W), copy-major
+        if self.loss == "smoothadv":
+            noise = self.add_noise(torch.zeros_like(copies))  # (m * B, C, H, W): sigma * N(0, I)
+            epsilon = warmed_up_epsilon(
+                settings["smoothadv_epsilon"],
+                settings["smoothadv_warmup_epochs"],
+                self.current_epoch,
+            )
+            x = smoothadv_attack(
+                self.net, x, y, noise.view(m, *x.shape), epsilon, settings["smoothadv_steps"]
+            )  # (B, C, H, W)
+            noisy = x.repeat(m, *[1] * (x.dim() - 1)) + noise  # (m * B, C, H, W)
+        else:
+            noisy = self.add_noise(copies)  # (m * B, C, H, W)
+        logits = self.net(noisy)  # (m * B, num_classes)
+        if self.loss == "consistency":
+            lam, eta = settings["consistency_lambda"], settings["consistency_eta"]
+            loss, ce = consistency_loss(logits, y, lam, eta)
+        else:
+            loss = ce = noisy_cross_entropy(logits, y)
+        # The same keys whatever the loss: the objective, and the cross-entropy on the noisy
+        # training inputs (equal for "gaussian" and "smoothadv").
         self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ce", ce)
         return loss
 
     def _evaluate(self, batch, metrics: MetricCollection, stage: str) -> None:

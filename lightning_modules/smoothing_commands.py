@@ -25,7 +25,7 @@ from certify.commands.checkpoints import CheckpointError, network_state, read_ch
 from certify.commands.predict import check_predict_settings, smoothed_predict
 
 #: Model arguments that a checkpoint's hyperparameters replace (LightningCLI reads them back).
-FROM_CHECKPOINT = ("arch", "sigma")
+FROM_CHECKPOINT = ("arch", "sigma", "loss")
 #: The commands that sample the smoothed classifier (and read Cohen et al.'s checkpoints).
 SMOOTHING_COMMANDS = ("certify", "predict")
 PREDICT_HELP = "Top-k sets of the smoothed classifier, with a certified radius for each label"

@@ -281,6 +281,9 @@ def test_checkpoint_hyperparameters_that_replace_the_config_are_named(
     ) in err
     assert main(args) == 0  # the config agrees with the checkpoint: no note
     assert "note:" not in capsys.readouterr().err
+    consistency = str(REPO / "configs" / "digits_consistency.yaml")
+    assert main([*args[:2], consistency, *args[3:]]) == 0  # a Gaussian-trained checkpoint
+    assert "model.loss 'consistency' -> 'gaussian'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,11 @@ def config_args(cifar10_root, imagenet_root, seed_torch_hub):
         imagenet = ["--data.data_dir", str(imagenet_root)]
         extra = {
             "digits.yaml": [],
+            "digits_consistency.yaml": [],
+            "digits_smoothadv.yaml": [],
             "cifar10_resnet110.yaml": cifar,
+            "cifar10_resnet110_consistency.yaml": cifar,
+            "cifar10_resnet110_smoothadv.yaml": cifar,
             "imagenet_resnet50.yaml": imagenet,
             "imagenet_resnet50_finetune.yaml": imagenet,
             "ddp.yaml": ["--trainer.accelerator", "cpu", "--trainer.devices", "2"],
@@ -66,13 +70,13 @@ def test_config_builds(isolated_run, lightning_cli, config_args, name, ddp):
         assert isinstance(cli.trainer.strategy, DDPStrategy) and cli.trainer.num_devices == 2
 
 
-def published_recipe(model: NoisyClassifier, epochs: int, max_epochs: int) -> None:
+def published_recipe(model: NoisyClassifier, epochs: int, max_epochs: int, step: int = 30) -> None:
     config = model.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
     group = optimizer.param_groups[0]
     assert isinstance(optimizer, torch.optim.SGD)
     assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.1, 0.9, 1e-4)
-    assert (scheduler.step_size, scheduler.gamma, max_epochs) == (30, 0.1, epochs)
+    assert (scheduler.step_size, scheduler.gamma, max_epochs) == (step, 0.1, epochs)
 
 
 @pytest.mark.parametrize("sigma", ["0.12", "0.25", "0.5", "1.0"])
@@ -96,3 +100,44 @@ def test_imagenet_configs(isolated_run, lightning_cli, config_args):
     assert all(torch.equal(backbone[k], v) for k, v in seeded.items() if not k.startswith("fc."))
     assert tuned.model.net[1].fc.out_features == 6  # a new head for the 6 classes of the data
     assert tuned.model.hparams.weights == "IMAGENET1K_V2"
+
+
+@pytest.mark.parametrize(("sigma", "lam"), [("0.25", 20.0), ("0.5", 10.0), ("1.0", 10.0)])
+def test_cifar10_consistency_recipe(isolated_run, lightning_cli, config_args, sigma, lam):
+    """Jeong & Shin: m = 2, eta = 0.5, lambda by sigma, 150 epochs, LR x 0.1 every 50, batches
+    of 256 split into 2 steps of 128 images x 2 copies."""
+    args = config_args("cifar10_resnet110_consistency.yaml")
+    cli = lightning_cli(*args, "--model.sigma", sigma, run=False)
+    settings = cli.model.loss_settings
+    assert cli.model.loss == "consistency" and cli.model.hparams.consistency_lambda == lam
+    assert (settings["num_noise_samples"], settings["consistency_eta"]) == (2, 0.5)
+    assert cli.datamodule.batch_size * settings["num_noise_samples"] == 256
+    assert len(cli.model.net[1].layer1) == 18  # ResNet-110
+    published_recipe(cli.model, 150, cli.trainer.max_epochs, step=50)
+
+
+def test_cifar10_smoothadv_recipe(isolated_run, lightning_cli, config_args):
+    cli = lightning_cli(*config_args("cifar10_resnet110_smoothadv.yaml"), run=False)
+    settings = cli.model.loss_settings
+    assert cli.model.loss == "smoothadv" and cli.model.sigma == 0.5
+    assert settings == {
+        "num_noise_samples": 2, "consistency_lambda": None, "consistency_eta": None,
+        "smoothadv_epsilon": 2.0, "smoothadv_steps": 10, "smoothadv_warmup_epochs": 10,
+    }  # fmt: skip
+    assert cli.datamodule.batch_size * settings["num_noise_samples"] == 256
+    published_recipe(cli.model, 150, cli.trainer.max_epochs, step=50)
+
+
+@pytest.mark.parametrize("loss", ["consistency", "smoothadv"])
+def test_digits_variants_keep_the_digits_recipe(isolated_run, lightning_cli, config_args, loss):
+    """The same data, network, optimizer, schedule, epochs and callbacks as digits.yaml; only
+    the loss and its settings differ."""
+    import yaml
+
+    base = yaml.safe_load((CONFIGS / "digits.yaml").read_text())
+    variant = yaml.safe_load((CONFIGS / f"digits_{loss}.yaml").read_text())
+    extra = set(variant["model"]["init_args"]) - set(base["model"]["init_args"])
+    assert {key: variant["model"]["init_args"].pop(key) for key in extra}["loss"] == loss
+    assert variant == base
+    cli = lightning_cli(*config_args(f"digits_{loss}.yaml"), run=False)
+    assert cli.model.loss == loss and cli.model.loss_settings["num_noise_samples"] == 2
