@@ -75,16 +75,18 @@ class ImageNetDataModule(ImageClassificationDataModule):
         eval_tf = transforms.Compose(
             [transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()]
         )
+        # train/ is read when training, or for the held-out validation images.
+        need_train = stage in (None, "fit") or (stage == "validate" and self.val_per_class > 0)
+        train_set = image_folder(self.train_dir, "train", train_tf) if need_train else None
         self.test_dataset = image_folder(self.val_dir, "val", eval_tf)
         if not self.val_per_class:
             self.val_dataset = self.test_dataset
-            if stage in (None, "fit"):
-                self.train_dataset = image_folder(self.train_dir, "train", train_tf)
-            return
-        train_set = image_folder(self.train_dir, "train", train_tf)
-        self.train_dataset, self.val_dataset = split_off_validation(
-            train_set, eval_tf, train_set.targets, self.split_seed, per_class=self.val_per_class
-        )
+            if train_set is not None:
+                self.train_dataset = train_set
+        elif train_set is not None:
+            self.train_dataset, self.val_dataset = split_off_validation(
+                train_set, eval_tf, train_set.targets, self.split_seed, per_class=self.val_per_class
+            )
 
 
 def image_folder(path, split: str, transform) -> ImageFolder:

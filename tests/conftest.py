@@ -1,6 +1,7 @@
 """Shared fixtures: the authors' reference files (``tests/data``), offline W&B."""
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,9 @@ def isolated_run(tmp_path, monkeypatch):
         TORCH_HOME=str(tmp_path / "torch-home"),
     )
     yield tmp_path
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:  # a run left open would be reused by the
+        wandb.finish()  # next test's WandbLogger, which would then write into this directory
     os.environ.clear()
     os.environ.update(saved)
 
