@@ -4,7 +4,8 @@
 #   2. a 1-GPU DDP fit of the CIFAR-10 ResNet-110 config (bf16-mixed, live certification on)
 #      on generated CIFAR-format data, 2 epochs of 10,000 training images;
 #   3. benchmarks/train_throughput.py: fit against a plain loop for ResNet-110 and ResNet-50
-#      (bf16-mixed; ResNet-50 also channels-last);
+#      (bf16-mixed; ResNet-50 also channels-last; ResNet-110 also with the progress bar
+#      refreshed at every step, Lightning's default);
 #   4. `topk-smoothing certify` of 20 test images at n = 100,000 with the fit's checkpoint.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR          # DEVICE=cpu SMALL=1: a minute-long dry run
@@ -72,6 +73,10 @@ step train_throughput 300 $python benchmarks/train_throughput.py --device "$devi
 step train_channels_last 120 $python benchmarks/train_throughput.py --device "$device" \
     --models "${models##* }" --precision "$precision" --channels-last --steps "$steps" \
     --warmup "$warmup" --rounds "$rounds" --json "$out/train_channels_last.json" "${bench[@]}"
+
+step train_refresh_every_step 120 $python benchmarks/train_throughput.py --device "$device" \
+    --models "${models%% *}" --precision "$precision" --refresh-rate 1 --steps "$steps" \
+    --warmup "$warmup" --rounds "$rounds" --json "$out/train_refresh_every_step.json" "${bench[@]}"
 
 step certify 180 $python -m certify certify "${common[@]}" --ckpt_path "$checkpoint" \
     --trainer.accelerator "$accelerator" --trainer.devices 1 --trainer.logger false \

@@ -7,7 +7,8 @@
   (``fit --ckpt_path`` resumes, ``validate``, ``test``) included: ``--trust_checkpoint true``
   is the one option that loads a file holding pickled Python objects.
 - ``model.top_k`` values the data cannot have are named in a note; ``LearningRateMonitor`` is
-  left out of a run without a logger (it would stop the fit).
+  left out of a run without a logger and a progress-bar callback out of a run without a bar
+  (either would stop the run).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pytorch_lightning import Trainer
-from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.callbacks import LearningRateMonitor, ProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
@@ -130,6 +131,16 @@ class SmoothingSubcommands:
             for key in FROM_CHECKPOINT
             if before.get(key) != after.get(key)
         ]
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Trainer:
+        # A config's progress-bar settings apply only to a run with a bar: with
+        # `enable_progress_bar: false` its progress-bar callback is left out (Lightning would
+        # refuse the combination).
+        if config.get("enable_progress_bar") is False and config.get("callbacks"):
+            config["callbacks"] = [
+                cb for cb in config["callbacks"] if not isinstance(cb, ProgressBar)
+            ]
+        return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         subcommand = self.config.get("subcommand")
