@@ -130,7 +130,7 @@ def load_weights(arch: str, weights: str) -> dict[str, torch.Tensor]:
         except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
             reason = type(err).__name__  # torch's messages run over many lines
             found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err.__context__))
-            if found:  # never unpickled: save the state dict alone from a trusted session
+            if found:  # never unpickled: the state dict alone, saved where the file is trusted
                 reason = (
                     f"it holds pickled Python objects ({found.group(1)}), which are not loaded; "
                     "save the state dict alone with torch.save(model.state_dict(), path)"
