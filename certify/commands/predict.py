@@ -21,11 +21,16 @@ from certify.commands.images import FolderImages, evaluation_transform
 from certify.commands.outputs import data_identity
 from certify.commands.predict_output import COUNTS, PREDICTIONS, PredictOutput
 from certify.commands.settings import CertifySettingsError, check_settings
-from certify.commands.startup import Weights, default_output_dir, device_text, startup_line
-from certify.commands.task import SamplingTask, file_sha256, select_examples
+from certify.commands.startup import default_output_dir, device_text, startup_line
+from certify.commands.task import (
+    SamplingTask,
+    load_weights,
+    require_compiler,
+    select_examples,
+    split_dataset,
+)
 from certify.math.prediction import certified_prediction, select_top_k
 from certify.math.validation import check_int, check_sigma, check_top_k
-from certify.sampling.options import check_compile
 
 
 def check_predict_settings(n0, n, alpha, k, split, images, **more) -> None:
@@ -157,8 +162,6 @@ def smoothed_predict(
     Returns:
         True when every selected example is done and ``predict.tsv`` is written.
     """
-    from certify.commands.checkpoints import load_network_weights
-
     check_predict_settings(
         n0, n, alpha, k, split, images, skip=skip, max_examples=max_examples,
         batch_size=batch_size, sigma=sigma, autocast=autocast, seed=seed, output_dir=output_dir,
@@ -170,20 +173,8 @@ def smoothed_predict(
     except ValueError as err:
         raise CertifySettingsError(str(err)) from None
     arch = getattr(model, "hparams", {}).get("arch")
-    if ckpt_path is None and getattr(model, "hparams", {}).get("weights") is None:
-        raise CertifySettingsError(
-            "no --ckpt_path and no --model.weights: the network has its random initial "
-            "weights; pass a checkpoint (--ckpt_path) or pretrained weights (--model.weights)"
-        )
-    kind = None if ckpt_path is None else load_network_weights(
-        model.net, ckpt_path, arch, trust_checkpoint
-    )  # fmt: skip
-    sha256 = None if ckpt_path is None else file_sha256(ckpt_path)
-    weights = Weights.of(model, ckpt_path, kind, sha256)
-    datamodule.setup("test" if split == "test" else "validate")
-    reference = getattr(datamodule, f"{split}_dataset", None)
-    if reference is None or len(reference) == 0:
-        raise CertifySettingsError(f"the datamodule has no {split} examples")
+    weights, sha256 = load_weights(model, ckpt_path, trust_checkpoint)
+    reference = split_dataset(datamodule, split)
     if images is not None:
         shape = tuple(torch.as_tensor(reference[0][0]).shape)
         dataset = FolderImages(images, evaluation_transform(reference), shape)
@@ -195,11 +186,7 @@ def smoothed_predict(
             split,
         )
     selected = select_examples(len(dataset), skip, max_examples)
-    if compile:  # a missing compiler is reported now, before the output directory exists
-        try:
-            check_compile(trainer.strategy.root_device)
-        except ValueError as err:
-            raise CertifySettingsError(str(err)) from None
+    require_compiler(compile, trainer.strategy.root_device)
     metadata = {
         "n0": n0, "n": n, "alpha": alpha, "k": k, "sigma": sigma, "skip": skip,
         "max_examples": max_examples, "seed": seed, "num_classes": num_classes,

@@ -16,11 +16,16 @@ from certify.commands.outputs import RESULTS, CertifyOutput, data_identity
 from certify.commands.report import write_report
 from certify.commands.sequential import sequential_metadata
 from certify.commands.settings import CertifySettingsError, check_settings
-from certify.commands.startup import Weights, default_output_dir, device_text, startup_line
-from certify.commands.task import SamplingTask, file_sha256, select_examples
+from certify.commands.startup import default_output_dir, device_text, startup_line
+from certify.commands.task import (
+    SamplingTask,
+    load_weights,
+    require_compiler,
+    select_examples,
+    split_dataset,
+)
 from certify.math.radius import certified_radius
 from certify.math.validation import check_sigma, check_top_k, default_top_k
-from certify.sampling.options import check_compile
 
 
 class CertifyTask(SamplingTask):
@@ -176,8 +181,6 @@ class CertifyingTrainer(pl.Trainer):
         Returns:
             True when every selected example is certified and the report is written.
         """
-        from certify.commands.checkpoints import load_network_weights
-
         check_settings(
             n, alpha, bounds, split, skip, max_examples, batch_size, sigma, autocast,
             seed=seed, k=k, output_dir=output_dir, sequential=sequential, radii=radii,
@@ -189,31 +192,15 @@ class CertifyingTrainer(pl.Trainer):
         except ValueError as err:
             raise CertifySettingsError(str(err)) from None
         arch = getattr(model, "hparams", {}).get("arch")
-        if ckpt_path is None and getattr(model, "hparams", {}).get("weights") is None:
-            raise CertifySettingsError(
-                "no --ckpt_path and no --model.weights: the network has its random initial "
-                "weights; pass a checkpoint (--ckpt_path) or pretrained weights (--model.weights)"
-            )
-        kind = None
-        if ckpt_path is not None:
-            kind = load_network_weights(model.net, ckpt_path, arch, trust_checkpoint)
-        sha256 = None if ckpt_path is None else file_sha256(ckpt_path)
-        weights = Weights.of(model, ckpt_path, kind, sha256)
+        weights, sha256 = load_weights(model, ckpt_path, trust_checkpoint)
         if output_dir is None:
             targets = {"seq": radii or "default"} if sequential else {}  # its own directory
             output_dir = default_output_dir(
                 "certify", weights.name, split, n=n, sigma=sigma, k=top_k, **targets
             )
-        datamodule.setup("test" if split == "test" else "validate")
-        dataset = getattr(datamodule, f"{split}_dataset", None)
-        if dataset is None or len(dataset) == 0:
-            raise CertifySettingsError(f"the datamodule has no {split} examples")
+        dataset = split_dataset(datamodule, split)
         selected = select_examples(len(dataset), skip, max_examples)
-        if compile:  # a missing compiler is reported now, before the output directory exists
-            try:
-                check_compile(self.strategy.root_device)
-            except ValueError as err:
-                raise CertifySettingsError(str(err)) from None
+        require_compiler(compile, self.strategy.root_device)
         metadata = {
             "n": n, "alpha": alpha, "sigma": sigma, "bounds": bounds, "top_k": list(top_k),
             "split": split, "skip": skip, "max_examples": max_examples, "seed": seed,

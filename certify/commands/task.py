@@ -23,7 +23,8 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Dataset
 
 from certify.commands.settings import CertifySettingsError
-from certify.sampling.options import check_autocast
+from certify.commands.startup import Weights
+from certify.sampling.options import check_autocast, check_compile
 from certify.sampling.smoothing import DEFAULT_BATCH_SIZE, SmoothedClassifier
 
 
@@ -39,6 +40,43 @@ def select_examples(size: int, skip: int, max_examples: int | None) -> list[int]
     """Every ``skip``-th index from 0 (the papers' every-20th image), at most ``max_examples``."""
     indices = list(range(0, size, skip))
     return indices if max_examples is None else indices[:max_examples]
+
+
+def load_weights(model: pl.LightningModule, ckpt_path: str | None, trust: bool):
+    """Load ``ckpt_path`` into ``model.net`` (our Lightning checkpoint or one of Cohen et al.'s
+    models); ``(Weights, the checkpoint's sha256 or None)``. A network left with its random
+    initial weights (no checkpoint, no ``--model.weights``) is refused."""
+    from certify.commands.checkpoints import load_network_weights
+
+    hparams = getattr(model, "hparams", {})
+    if ckpt_path is None and hparams.get("weights") is None:
+        raise CertifySettingsError(
+            "no --ckpt_path and no --model.weights: the network has its random initial "
+            "weights; pass a checkpoint (--ckpt_path) or pretrained weights (--model.weights)"
+        )
+    kind = sha256 = None
+    if ckpt_path is not None:
+        kind = load_network_weights(model.net, ckpt_path, hparams.get("arch"), trust)
+        sha256 = file_sha256(ckpt_path)
+    return Weights.of(model, ckpt_path, kind, sha256), sha256
+
+
+def split_dataset(datamodule: pl.LightningDataModule, split: str) -> Dataset:
+    """The ``test`` or ``val`` split of ``datamodule``, set up; an empty one is refused."""
+    datamodule.setup("test" if split == "test" else "validate")
+    dataset = getattr(datamodule, f"{split}_dataset", None)
+    if dataset is None or len(dataset) == 0:
+        raise CertifySettingsError(f"the datamodule has no {split} examples")
+    return dataset
+
+
+def require_compiler(compile: bool, device: torch.device) -> None:
+    """With ``compile`` on, a missing compiler is one line now, before anything is written."""
+    if compile:
+        try:
+            check_compile(device)
+        except ValueError as err:
+            raise CertifySettingsError(str(err)) from None
 
 
 class _Examples(Dataset):
