@@ -67,8 +67,10 @@ def isolated_run(tmp_path, monkeypatch):
     )
     yield tmp_path
     wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:  # a run left open would be reused by the
-        wandb.finish()  # next test's WandbLogger, which would then write into this directory
+    if wandb is not None:
+        if wandb.run is not None:  # a run left open would be reused by the next test's logger
+            wandb.finish()
+        wandb.teardown()  # W&B's process-wide settings remember this directory: forget them
     os.environ.clear()
     os.environ.update(saved)
 

@@ -37,7 +37,6 @@ def test_fit_writes_checkpoints_config_and_metrics(isolated_run):
         assert main(["fit", "--config", "digits.yaml", *args]) == 0
     finally:
         wandb.finish()  # flush the offline run file, as the end of a process does
-        wandb.teardown()
     (run_dir,) = Path("runs", "topk-smoothing-digits").iterdir()
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == ["best-epoch000.ckpt", "last.ckpt"]
