@@ -109,7 +109,7 @@ def _read_csv_metrics(directory: Path) -> dict:
 @pytest.mark.ddp
 def test_validate_is_bit_identical_on_one_and_two_processes(digits_fit, tmp_path):
     (ckpt,) = digits_fit.glob("runs/**/checkpoints/last.ckpt")
-    results = []
+    results, tables = [], []
     for devices in (1, 2):
         logger = {
             "class_path": "pytorch_lightning.loggers.CSVLogger",
@@ -123,9 +123,11 @@ def test_validate_is_bit_identical_on_one_and_two_processes(digits_fit, tmp_path
         result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         results.append(_read_csv_metrics(tmp_path / f"csv{devices}"))
+        tables.append([line for line in result.stdout.splitlines() if line.startswith("| top-")])
     assert set(results[0]) >= set(KEYS) - {"val/certify_seconds"}
     certified = {k: v for k, v in results[0].items() if k != "val/certify_seconds"}
     assert certified == {k: v for k, v in results[1].items() if k != "val/certify_seconds"}
+    assert len(tables[0]) == 3 and tables[1] == tables[0]  # the printed table: all 90 examples
 
 
 class TestFailsEarly:

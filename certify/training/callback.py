@@ -205,7 +205,9 @@ class CertificationCallback(pl.Callback):
             return
         start = time.perf_counter()
         metric = self.certify_share(trainer, pl_module)
-        values = metric.compute()  # summed over all processes
+        with metric.sync_context():  # every process's examples (compute_table reads the states)
+            accuracy, acr = metric.compute_table()  # (K, R), (K,)
+        values = metric.keyed(accuracy, acr)
         seconds = time.perf_counter() - start
         self.last_seconds = seconds
         if trainer.state.fn == "fit":
@@ -216,8 +218,7 @@ class CertificationCallback(pl.Callback):
             local = torch.tensor([sum(self.samples), len(self.samples)], dtype=torch.float64)
             total, count = trainer.strategy.reduce(local.to(pl_module.device), reduce_op="sum")
             pl_module.log("val/certify_samples", float(total / count.clamp(min=1)))
-        self._log_curve(trainer, metric, values)
-        accuracy, acr = metric.compute_table()
+        self._log_curve(trainer, accuracy)
         epoch = trainer.current_epoch if trainer.state.fn == "fit" else None
         self.last_table = (accuracy.cpu().numpy(), acr.cpu().numpy(), epoch)
 
@@ -290,13 +291,12 @@ class CertificationCallback(pl.Callback):
         return tqdm(calls, desc="Certifying", leave=False, unit="chunk", dynamic_ncols=True)
 
     @rank_zero_only
-    def _log_curve(self, trainer: pl.Trainer, metric: CertifiedTopKAccuracy, values) -> None:
+    def _log_curve(self, trainer: pl.Trainer, accuracy: torch.Tensor) -> None:
         wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         if not wandb_loggers:
             return
         import wandb
 
-        accuracy, _ = metric.compute_table()
         curve = wandb.plot.line_series(
             xs=list(self.radii),
             ys=accuracy.cpu().tolist(),

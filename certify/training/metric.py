@@ -190,7 +190,10 @@ class CertifiedTopKAccuracy(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         """Accuracy and ACR keyed ``certified_top{k}@{r:g}`` and ``acr_top{k}``."""
-        accuracy, acr = self.compute_table()
+        return self.keyed(*self.compute_table())
+
+    def keyed(self, accuracy: Tensor, acr: Tensor) -> dict[str, Tensor]:
+        """``compute_table()``'s ``(accuracy, acr)`` keyed as ``compute()`` returns them."""
         out = {
             radius_key(k, r): accuracy[i, j]
             for i, k in enumerate(self.top_k)
