@@ -144,7 +144,7 @@ def write_digit_images(folder: Path, count: int) -> list[int]:
     for i in range(count):
         image, label = data.test_dataset[i]
         pixels = (image[0].numpy() * 255).round().astype(np.uint8)  # (8, 8)
-        path = folder / f"group{i % 2}" / f"digit{i:02d}_{label}.png"
+        path = folder / f"group{i % 2}" / f"digit{i:02d}#{label}.png"  # '#' is no comment
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels, mode="L").save(path)
         labels.append(label)
@@ -153,21 +153,32 @@ def write_digit_images(folder: Path, count: int) -> list[int]:
 
 def test_a_folder_of_image_files(isolated_run, capsys, digits_checkpoint):
     """Image files go through the data set's transforms: the files' names in sorted order, and
-    the trained model labels them as the digits they are."""
+    the trained model labels them as the digits they are. A file changed in place makes the
+    same command a new run in its own default directory, never a merge with the old rows."""
     labels = write_digit_images(Path("images"), 10)
     args = ["predict", "--config", DIGITS, "--ckpt_path", str(digits_checkpoint), *QUIET]
     args += ["--images", "images", "--n0", "50", "--n", "300", "--alpha", "0.01"]
     assert main(args) == 0
-    out = next(Path("runs", "predict").iterdir())
-    assert out.name.endswith("_images_n0-50_n300_sigma0.25_k1")
+    (out,) = Path("runs", "predict").iterdir()
+    assert out.name.split("_images-")[1][8:] == "_n0-50_n300_sigma0.25_k1"  # 8 digest digits
     rows = read_table(out / "predict.tsv")
     assert rows[0] == ["idx", "file", "pred1", "radius1"]
     files = [r[1] for r in rows[1:]]
-    assert files == sorted(files) and files[0] == f"group0/digit00_{labels[0]}.png"
+    assert files == sorted(files) and files[0] == f"group0/digit00#{labels[0]}.png"
     predicted = {r[1]: int(r[2]) for r in rows[1:]}
-    truth = {f"group{i % 2}/digit{i:02d}_{y}.png": y for i, y in enumerate(labels)}
+    truth = {f"group{i % 2}/digit{i:02d}#{y}.png": y for i, y in enumerate(labels)}
     assert sum(predicted[f] == y for f, y in truth.items()) >= 8
     assert "10 examples" in capsys.readouterr().out
+
+    first, second = (
+        Path("images", f"group{i % 2}", f"digit{i:02d}#{labels[i]}.png") for i in (0, 1)
+    )
+    first.write_bytes(second.read_bytes())  # same name, another digit
+    assert main(args) == 0
+    assert "already in" not in capsys.readouterr().out
+    (rerun,) = set(Path("runs", "predict").iterdir()) - {out}
+    rows = read_table(rerun / "predict.tsv")
+    assert rows[1][1] == first.relative_to("images").as_posix() and int(rows[1][2]) == labels[1]
 
 
 def test_an_image_of_another_size_is_one_line(isolated_run, capsys, digits_checkpoint):
@@ -180,6 +191,25 @@ def test_an_image_of_another_size_is_one_line(isolated_run, capsys, digits_check
         "topk-smoothing predict: error: image 'big.png' is (1, 28, 28) after the data set's "
         "transforms, the data set's inputs are (1, 8, 8)"
     )
+    assert not Path("runs").exists()  # refused before anything was written
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8), mode="L").save("images/big.png")
+    assert main([*args, "--images", "images", "--n", "20"]) == 0  # the same command, fixed file
+
+
+def test_certify_and_predict_never_share_an_output_directory(
+    isolated_run, capsys, digits_checkpoint
+):
+    """Both write parts/rank*.tsv: rows of one are never read as rows of the other."""
+    common = ["--config", DIGITS, "--ckpt_path", str(digits_checkpoint), *QUIET, "--n", "20"]
+    common += ["--max_examples", "2", "--output_dir", "shared"]
+    assert main(["certify", *common, "--k", "2"]) == 0
+    capsys.readouterr()
+    assert main(["predict", *common, "--k", "2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "topk-smoothing predict: error: shared holds a certify run (certify.json); refusing to "
+        "mix them (choose another output directory)"
+    )
+    assert not Path("shared", "predict.json").exists()
 
 
 @pytest.mark.parametrize(

@@ -61,15 +61,28 @@ class FolderImages(Dataset):
         return self.files[index].relative_to(self.root).as_posix()
 
     def identity(self) -> dict:
-        """The folder and a digest of its files' names and sizes (for the settings file)."""
+        """The folder and a digest of its files' names and contents (for the settings file):
+        a file changed in place is another input, and a run over it another run."""
         digest = hashlib.sha256()
         for i, path in enumerate(self.files):
-            digest.update(f"{self.name(i)}\0{path.stat().st_size}\n".encode())
+            try:
+                content = path.read_bytes()
+            except OSError as err:
+                reason = err.strerror or type(err).__name__
+                raise ImageFileError(f"image {self.name(i)!r} cannot be read ({reason})") from None
+            digest.update(f"{self.name(i)}\0{len(content)}\n".encode())
+            digest.update(hashlib.sha256(content).digest())
         return {
             "folder": str(self.root.resolve()),
             "files": len(self.files),
             "sha256": digest.hexdigest(),
         }
+
+    def check(self) -> None:
+        """Read every image once: a file that cannot be an input is refused before any output
+        is written."""
+        for index in range(len(self)):
+            self[index]
 
     def __len__(self) -> int:
         return len(self.files)

@@ -22,6 +22,9 @@ import numpy as np
 from certify.commands.countfile import format_counts, write_atomic
 
 METADATA = "certify.json"
+PREDICT_METADATA = "predict.json"
+#: the settings files of the commands that write parts/: one command per directory
+SETTINGS_FILES = frozenset({METADATA, PREDICT_METADATA})
 RESULTS = "certify.tsv"
 COUNTS = "counts.txt"
 
@@ -81,6 +84,12 @@ class CertifyOutput:
             raise OutputError(f"cannot create output directory {where}: {err.strerror}") from None
         if not os.access(self.directory, os.W_OK):
             raise OutputError(f"output directory {self.directory} is not writable")
+        for other in sorted(SETTINGS_FILES - {self.metadata_file}):
+            if (self.directory / other).is_file():  # the parts of another command's rows
+                raise OutputError(
+                    f"{self.directory} holds a {Path(other).stem} run ({other}); refusing to "
+                    "mix them (choose another output directory)"
+                )
         path = self.directory / self.metadata_file
         if path.is_file():
             try:

@@ -97,7 +97,7 @@ def finish_predict(output: PredictOutput, selected: list[int]) -> bool:
         return False
     table = np.genfromtxt(
         output.directory / PREDICTIONS, delimiter="\t", skip_header=1, dtype=np.float64,
-        usecols=range(2, 2 + 2 * output.k + 1), ndmin=2,
+        usecols=range(2, 2 + 2 * output.k + 1), ndmin=2, comments=None,
     )  # fmt: skip
     labels, radii = table[:, : output.k], table[:, output.k : 2 * output.k]
     answered = labels[:, 0] >= 0
@@ -178,7 +178,10 @@ def smoothed_predict(
     if images is not None:
         shape = tuple(torch.as_tensor(reference[0][0]).shape)
         dataset = FolderImages(images, evaluation_transform(reference), shape)
-        source, what = {"images": dataset.identity()}, Path(images).name or "images"
+        dataset.check()
+        identity = dataset.identity()  # other contents, another default output directory
+        source = {"images": identity}
+        what = f"{Path(images).name or 'images'}-{identity['sha256'][:8]}"
     else:
         dataset, source, what = (
             reference,

@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 
 from certify.commands.countfile import write_atomic
-from certify.commands.outputs import CertifyOutput
+from certify.commands.outputs import PREDICT_METADATA, CertifyOutput
 
 PREDICTIONS = "predict.tsv"
 COUNTS = "counts.tsv"
@@ -34,7 +34,7 @@ class PredictOutput(CertifyOutput):
         names: the image files' names by index, or None for a split of a data set.
     """
 
-    metadata_file = "predict.json"
+    metadata_file = PREDICT_METADATA
 
     def __init__(self, directory: str | os.PathLike, metadata: dict, k: int, names=None) -> None:
         super().__init__(directory, metadata, (k,))
