@@ -111,3 +111,23 @@ def test_data_identity_keeps_what_decides_the_examples():
 
     identity = data_identity(DigitsDataModule(batch_size=7, num_workers=0, split_seed=3))
     assert identity == {"class": "datamodules.digits.DigitsDataModule", "split_seed": 3}
+
+
+@pytest.mark.parametrize("target", [0.333333333333, 1 / 3, 0.12345678995, 5e-324, 1e300])
+def test_radii_read_back_exactly(tmp_path, target):
+    """A radius written to certify.tsv reads back as the same float, so the report counts an
+    example certified at a target exactly when the computation did (a sequential run writes
+    its targets as radii): 10 significant digits would put 0.333333333333 below itself."""
+    from certify.commands.report import accuracy_table, read_radii_tsv
+
+    smaller = np.nextafter(target, 0.0)
+    out = CertifyOutput(tmp_path / "run", META, top_k=(1, 2))
+    out.prepare()
+    fd = out.open_part(0)
+    out.append(fd, [out.row(0, 0, [0, 1], [target, smaller], 0.01, [90, 10, 0])])
+    os.close(fd)
+    assert out.merge([0])
+    _, radii = read_radii_tsv(out.directory / "certify.tsv")
+    assert radii.tolist() == [[target, smaller]]
+    accuracy, _ = accuracy_table(radii, [1, 2], (target,))
+    assert accuracy.tolist() == [[1.0], [0.0]]

@@ -8,14 +8,13 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from certify.commands.countfile import read_counts, write_atomic
+from certify.commands.countfile import format_radius, read_counts, write_atomic
 from certify.commands.report import configure_report, run_report
 from certify.math.radius import certified_radius
 
@@ -38,11 +37,6 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(message)
-
-
-def format_radius(value: float) -> str:
-    """Radii with 10 significant digits; ``nan`` for an abstention."""
-    return "nan" if math.isnan(value) else f"{value:.10g}"
 
 
 def radius_rows(radii: np.ndarray, labels: np.ndarray, top_k: Sequence[int]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -80,6 +81,17 @@ def read_counts(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     except UnicodeDecodeError as err:
         raise CountFileError(f"{path}: not UTF-8 text (bad byte at offset {err.start})") from None
     return parse_counts(text, name=str(path))
+
+
+def format_radius(value: float) -> str:
+    """A radius as the shortest text that reads back as the same float (``repr``), so a table
+    read from a TSV counts exactly what was computed; ``nan`` for an abstention.
+
+    Example:
+        >>> [format_radius(r) for r in (0.25, 1 / 3, float("inf"), float("nan"))]
+        ['0.25', '0.3333333333333333', 'inf', 'nan']
+    """
+    return "nan" if math.isnan(value) else repr(float(value))
 
 
 def format_counts(counts: np.ndarray, labels: np.ndarray) -> str:

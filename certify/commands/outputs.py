@@ -12,14 +12,13 @@ authors' ``counts.txt`` format (both written through a temporary file and a rena
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from certify.commands.countfile import format_counts, write_atomic
+from certify.commands.countfile import format_counts, format_radius, write_atomic
 
 METADATA = "certify.json"
 PREDICT_METADATA = "predict.json"
@@ -45,10 +44,6 @@ def data_identity(datamodule) -> dict:
     identity = {"class": f"{kind.__module__}.{kind.__qualname__}"}
     identity.update({k: v for k, v in sorted(hparams.items()) if k not in LOADER_ONLY})
     return json.loads(json.dumps(identity, default=str))  # as it reads back from the file
-
-
-def _format_radius(value: float) -> str:
-    return "nan" if math.isnan(value) else f"{value:.10g}"
 
 
 class CertifyOutput:
@@ -159,7 +154,7 @@ class CertifyOutput:
 
         ``samples``: the samples drawn for the example (a sequential run's column)."""
         fields = [
-            str(idx), str(label), *map(str, top_labels), *map(_format_radius, radii),
+            str(idx), str(label), *map(str, top_labels), *map(format_radius, radii),
             *([str(samples)] * self.sequential), f"{seconds:.4f}", " ".join(map(str, counts)),
         ]  # fmt: skip
         return "\t".join(fields) + "\n"
