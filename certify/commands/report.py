@@ -77,6 +77,7 @@ def _describe(meta: dict, count: int, samples: np.ndarray | None = None) -> str:
         parts.append(f"sequential, n_max: {meta.get('n_max')}")
         if samples is not None:
             parts.append(f"mean samples: {samples.mean():.0f} (median {np.median(samples):.0f})")
+        parts.append("ACR over the targets reached (a lower bound)")
     for key in ("n", "alpha", "sigma", "bounds", "split", "skip", "max_examples"):
         if meta.get(key) is not None:
             parts.append(f"{key}: {meta[key]}")

@@ -232,8 +232,10 @@ class CertificationCallback(pl.Callback):
             return
         accuracy, acr, epoch = self.last_table
         description = (
-            f"smoothed classifier, {len(self.indices)} validation examples, n = {self.n}, "
-            f"alpha = {self.alpha:g}" + ("" if epoch is None else f", epoch {epoch}")
+            f"smoothed classifier, {len(self.indices)} validation examples, "
+            + (f"sequential, n_max = {self.n}, " if self.sequential else f"n = {self.n}, ")
+            + f"alpha = {self.alpha:g}"
+            + ("" if epoch is None else f", epoch {epoch}")
         )
         print(markdown_table(self.top_k, self.radii, accuracy, acr, description), end="")
 
