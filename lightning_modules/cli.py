@@ -79,6 +79,27 @@ def run_dir(trainer: Trainer) -> Path:
     return Path(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
 
 
+def continue_run(trainer_config, ckpt_path: Path) -> None:
+    """``fit --ckpt_path SAVE_DIR/PROJECT/ID/checkpoints/last.ckpt`` continues run ID: the W&B
+    logger of the same save_dir and project gets ``id=ID`` (``resume="allow"``), so the run
+    keeps its folder (and ModelCheckpoint its best score) and its W&B run. A logger given an
+    id, or a checkpoint from elsewhere, starts a new run as usual."""
+    if ckpt_path.parent.name != "checkpoints":
+        return
+    run = ckpt_path.resolve().parent.parent
+    loggers = trainer_config.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        class_path = getattr(logger, "class_path", "") or ""
+        init_args = getattr(logger, "init_args", None)
+        if not class_path.endswith("WandbLogger") or init_args is None:
+            continue
+        if init_args.get("id") or init_args.get("version") or not init_args.get("project"):
+            continue
+        folder = Path(init_args.get("save_dir") or ".", init_args.project).resolve()
+        if run.parent == folder:
+            init_args["id"], init_args["resume"] = run.name, "allow"
+
+
 class ConfigToLoggers(SaveConfigCallback):
     """Sends the full resolved config to every logger (the W&B run config), with the values
     linked from the data and the model's settings it resolved from ``None`` (e.g. the loss's
@@ -173,6 +194,8 @@ class TopkLightningCLI(SmoothingSubcommands, LightningCLI):
             raise StartupError(f"checkpoint {ckpt_path!r} is a directory, not a checkpoint file")
         if local and not Path(ckpt_path).is_file():
             raise StartupError(f"checkpoint {ckpt_path!r} does not exist")
+        if subcommand == "fit" and local:
+            continue_run(self.config.fit.trainer, Path(ckpt_path))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # Checks that need the built model run before the trainer prints anything.

@@ -202,6 +202,8 @@ class NoisyClassifier(LightningModule):
             smoothadv_warmup_epochs=smoothadv_warmup_epochs,
         )
         self.hparams.update(self.loss_settings)
+        # Saved again: Lightning logs the hyperparameters as first saved (hparams_initial).
+        self.save_hyperparameters(dict(self.hparams))
         self.num_classes = num_classes
         # k values the data cannot have (k >= num_classes: a fine-tuning set with few classes)
         # are dropped; the CLI names them in a note at start-up.

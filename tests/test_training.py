@@ -81,6 +81,7 @@ def test_fit_logs_offline_to_wandb_and_keeps_everything_under_runs(isolated_run,
     assert config["model"]["init_args"]["optimizer"]["class_path"] == "torch.optim.Adam"
     assert config["data"]["class_path"] == "datamodules.DigitsDataModule"
     assert config["trainer"]["max_epochs"] == 2
+    assert config["num_noise_samples"] == 1  # the module's hyperparameters, resolved
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())  # reusable: no link targets
     assert saved["model"]["init_args"]["sigma"] == 0.25 and "num_classes" not in saved["model"]
     (run_file,) = Path("runs", "wandb").glob("offline-run-*/run-*.wandb")
@@ -102,6 +103,22 @@ def test_fit_logs_offline_to_wandb_and_keeps_everything_under_runs(isolated_run,
     test_args = ["--ckpt_path", str(last), "--trainer.logger", "false"]
     test_args += ["--trainer.limit_test_batches", "1"]
     assert main(["test", "--config", str(run_dir / "config.yaml"), *test_args]) == 0
+
+    # Resuming continues the run: its folder, its W&B id, and the best epoch over all epochs.
+    args[1] = "3"  # --trainer.max_epochs
+    try:
+        cli = lightning_cli("fit", "--config", DIGITS, *args, "--ckpt_path", str(last))
+        assert cli.trainer.logger.version == run_dir.name
+    finally:
+        wandb.finish()
+    assert list(Path("runs", "topk-smoothing-digits").iterdir()) == [run_dir]
+    run_files = sorted(Path("runs", "wandb").glob(f"offline-run-*-{run_dir.name}/run-*.wandb"))
+    assert len(run_files) == 2
+    accuracy += [row["val/acc_top1"] for row in history(run_files[1]) if "val/acc_top1" in row]
+    assert len(accuracy) == 3
+    best = accuracy.index(max(accuracy))
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == [f"best-epoch{best:03d}.ckpt", "last.ckpt"]
 
 
 def final_state(folder: str) -> dict:

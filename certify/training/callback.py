@@ -116,7 +116,7 @@ class CertificationCallback(pl.Callback):
         self.fit_seconds: float | None = None  # the last fit: wall time, all epochs
         self.certify_seconds = 0.0  # ... of which certifying
         self._fit_start: float | None = None
-        self._first_epoch = 0
+        self._first_epoch: int | None = None
 
     # ------------------------------------------------------------------ setup
     def check_module(self, pl_module: pl.LightningModule) -> None:
@@ -164,13 +164,14 @@ class CertificationCallback(pl.Callback):
     # ------------------------------------------------------------------ timing
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_start, self.certify_seconds, self.fit_seconds = time.perf_counter(), 0.0, None
+        self._first_epoch = None  # stays None when no epoch runs (a finished run resumed)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._first_epoch = trainer.current_epoch  # after a resume, not 0
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Report the share of the fit's wall time spent certifying (logged and printed)."""
-        if self._fit_start is None:
+        if self._fit_start is None or self._first_epoch is None:
             return
         self.fit_seconds = time.perf_counter() - self._fit_start
         epochs = max(1, trainer.current_epoch - self._first_epoch)  # run by this fit
