@@ -11,7 +11,10 @@ into one line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -300,6 +303,25 @@ def flag_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
     ]
 
 
+def discard_wandb_run() -> None:
+    """Finish a W&B run that this command started before a start-up mistake stopped it (the
+    data is checked after the logger starts). An offline run that logged nothing is removed
+    with its folder, so the mistake leaves no stray run and its line ends the output."""
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is None:
+        return
+    empty_offline = run.offline and run.step == 0
+    folder = Path(run.dir).parent  # <save_dir>/wandb/offline-run-<date>-<id>
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        wandb.finish(exit_code=2)
+    if empty_offline and folder.name.startswith("offline-run-"):
+        shutil.rmtree(folder, ignore_errors=True)
+        for link in folder.parent.iterdir():  # latest-run, debug.log, debug-internal.log
+            if link.is_symlink() and str(link.readlink()).startswith(folder.name):
+                link.unlink()
+
+
 def main(argv: list[str]) -> int:
     """Run ``topk-smoothing <fit|validate|test|certify|predict> ...``; 2 on a start-up mistake."""
     prog = " ".join(["topk-smoothing", *argv[:1]])
@@ -315,9 +337,11 @@ def main(argv: list[str]) -> int:
         args = flag_options(list_options(list(argv), lists), ("--sequential",))
         TopkLightningCLI(args=args)
     except ONE_LINE_ERRORS as err:
+        discard_wandb_run()
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except OSError as err:  # a full or read-only disk, missing or unreadable data files
+        discard_wandb_run()
         if err.filename is not None and err.strerror:
             detail = f"{err.filename}: {err.strerror}"
         else:  # e.g. torchvision's "Found no valid file for the classes ..."

@@ -158,3 +158,26 @@ def test_imagenet_validation_images_come_from_train_folder(imagenet_root):
     too_many = ImageNetDataModule(data_dir=str(imagenet_root), val_per_class=3, num_workers=0)
     with pytest.raises(DataSplitError, match="class 'n01440764' has 3 training images"):
         too_many.setup("fit")
+
+
+def test_a_data_mistake_after_the_logger_started_leaves_one_line_and_no_run(
+    isolated_run, capsys, cifar10_root
+):
+    """Lightning starts the W&B run before the data is set up: a split the data cannot give
+    still ends the output with one line, exit status 2, and no offline run is left behind."""
+    from pathlib import Path
+
+    from lightning_modules.cli import main
+
+    root, _, _ = cifar10_root
+    config = Path(__file__).resolve().parents[1] / "configs" / "cifar10_resnet110.yaml"
+    args = ["fit", "--config", str(config), "--data.data_dir", str(root)]
+    args += ["--data.verify_md5", "false", "--trainer.accelerator", "cpu"]
+    args += ["--trainer.precision", "32-true", "--trainer.logger.init_args.offline", "true"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        err[-1] == "topk-smoothing fit: error: val_size 5000 leaves none of the 20 training images"
+    )
+    assert Path("runs", "wandb").is_dir()  # the run had started ...
+    assert list(Path("runs", "wandb").iterdir()) == []  # ... and is gone with its links
