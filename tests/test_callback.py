@@ -229,3 +229,25 @@ def test_callback_noise_is_never_the_noise_certify_uses(digits_checkpoint):
     assert all(torch.equal(live[key], acr["validation"][1][key]) for key in live)
     assert not torch.equal(acr["validation"][0], acr["certify"][0])  # other noise, other counts
     assert live["acr_top1"] != acr["certify"][1]["acr_top1"]
+
+
+def test_the_share_line_counts_only_epochs_this_fit_ran(tmp_path, capsys):
+    """A fit resumed from the checkpoint of a finished run runs no epoch: no share line (it
+    would divide nothing by the run's earlier epochs)."""
+    data = DigitsDataModule(batch_size=64)
+
+    def fit(ckpt_path=None) -> str:
+        model = NoisyClassifier("digits_cnn", data.num_classes, data.mean, data.std, sigma=0.25)
+        callback = CertificationCallback(n=50, num_examples=3, batch_size=64)
+        trainer = pl.Trainer(
+            callbacks=[callback], logger=False, default_root_dir=tmp_path, max_epochs=1,
+            limit_train_batches=2, limit_val_batches=1, enable_progress_bar=False,
+            enable_model_summary=False, accelerator="cpu", devices=1,
+        )  # fmt: skip
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+        return capsys.readouterr().out
+
+    first = fit()
+    assert "Certification took" in first and "on average over 1 epochs" in first
+    (last,) = tmp_path.glob("**/checkpoints/*.ckpt")
+    assert "Certification took" not in fit(last)
