@@ -127,6 +127,13 @@ class TestEdgeCases:
         pl = (ALPHA / 4) ** (1 / 1000)
         np.testing.assert_allclose(r[0], SIGMA * norm.ppf(pl), rtol=1e-10)
 
+    def test_a_radius_beyond_float64_is_the_largest_float(self):
+        """sigma = 1e308: the true radius (about 2.4e308) has no float64; the largest float is a
+        true statement, infinity would not be."""
+        with np.errstate(all="raise"):  # and no overflow warning
+            r = certified_radius([[1000, 0, 0]], [0], 1, 1e308, 0.001).numpy()[0, 0]
+        assert r == np.finfo(np.float64).max
+
     def test_no_sample_on_the_label_abstains(self):
         r = certified_radius([[0, 600, 400]], [0], (1, 2), SIGMA, ALPHA).numpy()
         assert np.isnan(r).all()

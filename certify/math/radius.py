@@ -97,9 +97,13 @@ def _radius_from_sorted_uppers(
     radius = np.full((p_lower.shape[0], len(top_k)), -np.inf)
     for j in range(len(top_k)):
         radius[:, j] = x[:, group == j].max(axis=1)
-    radius = radius * sigma
-    radius[np.isneginf(radius)] = np.nan
-    return radius
+    with np.errstate(over="ignore"):
+        scaled = radius * sigma
+    # A finite radius beyond float64 (sigma near 1e308) is stated as the largest float, a
+    # true certificate, never as infinity.
+    scaled[np.isinf(scaled) & np.isfinite(radius)] = np.finfo(np.float64).max
+    scaled[np.isneginf(radius)] = np.nan
+    return scaled
 
 
 def _top_uppers_excluding(values: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
