@@ -11,10 +11,7 @@ into one line on stderr and exit status 2.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -37,6 +34,7 @@ from certify.training.callback import CertificationCallback
 from datamodules.base import DataSplitError, ImageClassificationDataModule
 from lightning_modules.module import NoisyClassifier
 from lightning_modules.smoothing_commands import SMOOTHING_COMMANDS, SmoothingSubcommands
+from lightning_modules.wandb_runs import continue_run, discard_new_wandb_run, forget_run_id
 
 #: ``--ckpt_path`` values that Lightning resolves itself (keywords, model registry).
 CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
@@ -80,27 +78,6 @@ def run_dir(trainer: Trainer) -> Path:
         return Path(trainer.default_root_dir)
     version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
     return Path(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
-
-
-def continue_run(trainer_config, ckpt_path: Path) -> None:
-    """``fit --ckpt_path SAVE_DIR/PROJECT/ID/checkpoints/last.ckpt`` continues run ID: the W&B
-    logger of the same save_dir and project gets ``id=ID`` (``resume="allow"``), so the run
-    keeps its folder (and ModelCheckpoint its best score) and its W&B run. A logger given an
-    id, or a checkpoint from elsewhere, starts a new run as usual."""
-    if ckpt_path.parent.name != "checkpoints":
-        return
-    run = ckpt_path.resolve().parent.parent
-    loggers = trainer_config.get("logger")
-    for logger in loggers if isinstance(loggers, list) else [loggers]:
-        class_path = getattr(logger, "class_path", "") or ""
-        init_args = getattr(logger, "init_args", None)
-        if not class_path.endswith("WandbLogger") or init_args is None:
-            continue
-        if init_args.get("id") or init_args.get("version") or not init_args.get("project"):
-            continue
-        folder = Path(init_args.get("save_dir") or ".", init_args.project).resolve()
-        if run.parent == folder:
-            init_args["id"], init_args["resume"] = run.name, "allow"
 
 
 class ConfigToLoggers(SaveConfigCallback):
@@ -197,8 +174,8 @@ class TopkLightningCLI(SmoothingSubcommands, LightningCLI):
             raise StartupError(f"checkpoint {ckpt_path!r} is a directory, not a checkpoint file")
         if local and not Path(ckpt_path).is_file():
             raise StartupError(f"checkpoint {ckpt_path!r} does not exist")
-        if subcommand == "fit" and local:
-            continue_run(self.config.fit.trainer, Path(ckpt_path))
+        if subcommand == "fit" and local:  # the id is for the logger, not config.yaml
+            self.continued_run = continue_run(self.config.fit.trainer, Path(ckpt_path))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # Checks that need the built model run before the trainer prints anything.
@@ -237,6 +214,8 @@ class TopkLightningCLI(SmoothingSubcommands, LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
+            if getattr(self, "continued_run", None) is not None:  # the logger holds it now
+                forget_run_id(self.config.fit.trainer, self.continued_run)
         except USER_ERRORS as err:
             # jsonargparse wraps the error of a class's __init__: report the original one.
             original = [e for e in cause_chain(err) if isinstance(e, USER_ERRORS)][-1]
@@ -303,25 +282,6 @@ def flag_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
     ]
 
 
-def discard_wandb_run() -> None:
-    """Finish a W&B run that this command started before a start-up mistake stopped it (the
-    data is checked after the logger starts). An offline run that logged nothing is removed
-    with its folder, so the mistake leaves no stray run and its line ends the output."""
-    wandb = sys.modules.get("wandb")
-    run = getattr(wandb, "run", None) if wandb is not None else None
-    if run is None:
-        return
-    empty_offline = run.offline and run.step == 0
-    folder = Path(run.dir).parent  # <save_dir>/wandb/offline-run-<date>-<id>
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        wandb.finish(exit_code=2)
-    if empty_offline and folder.name.startswith("offline-run-"):
-        shutil.rmtree(folder, ignore_errors=True)
-        for link in folder.parent.iterdir():  # latest-run, debug.log, debug-internal.log
-            if link.is_symlink() and str(link.readlink()).startswith(folder.name):
-                link.unlink()
-
-
 def main(argv: list[str]) -> int:
     """Run ``topk-smoothing <fit|validate|test|certify|predict> ...``; 2 on a start-up mistake."""
     prog = " ".join(["topk-smoothing", *argv[:1]])
@@ -333,15 +293,16 @@ def main(argv: list[str]) -> int:
         logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
     # certify's --k and --radii take several values
     lists = ("--k", "--radii") if argv[:1] == ["certify"] else ()
+    wandb_run = getattr(sys.modules.get("wandb"), "run", None)  # a run of the caller's
     try:
         args = flag_options(list_options(list(argv), lists), ("--sequential",))
         TopkLightningCLI(args=args)
     except ONE_LINE_ERRORS as err:
-        discard_wandb_run()
+        discard_new_wandb_run(wandb_run)
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except OSError as err:  # a full or read-only disk, missing or unreadable data files
-        discard_wandb_run()
+        discard_new_wandb_run(wandb_run)
         if err.filename is not None and err.strerror:
             detail = f"{err.filename}: {err.strerror}"
         else:  # e.g. torchvision's "Found no valid file for the classes ..."

@@ -14,6 +14,7 @@ and restored); validation and test noise restart from the same seed at every epo
 
 from __future__ import annotations
 
+import copy
 import random
 import sys
 from collections.abc import Sequence
@@ -202,8 +203,9 @@ class NoisyClassifier(LightningModule):
             smoothadv_warmup_epochs=smoothadv_warmup_epochs,
         )
         self.hparams.update(self.loss_settings)
-        # Saved again: Lightning logs the hyperparameters as first saved (hparams_initial).
-        self.save_hyperparameters(dict(self.hparams))
+        # Lightning logs hparams_initial, its copy of the hyperparameters as first saved: the
+        # logged ones are the resolved ones too.
+        self._hparams_initial = copy.deepcopy(self._hparams)
         self.num_classes = num_classes
         # k values the data cannot have (k >= num_classes: a fine-tuning set with few classes)
         # are dropped; the CLI names them in a note at start-up.

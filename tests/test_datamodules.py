@@ -181,3 +181,9 @@ def test_a_data_mistake_after_the_logger_started_leaves_one_line_and_no_run(
     )
     assert Path("runs", "wandb").is_dir()  # the run had started ...
     assert list(Path("runs", "wandb").iterdir()) == []  # ... and is gone with its links
+
+    import wandb  # a run of the caller's, open before the command, is left as it is
+
+    caller = wandb.init(mode="offline", dir="mine", project="mine")
+    assert main(args) == 2
+    assert wandb.run is caller and Path(caller.dir).is_dir()

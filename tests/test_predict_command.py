@@ -137,14 +137,15 @@ def test_two_processes_write_the_same_files(split_run, digits_checkpoint):
 
 
 def write_digit_images(folder: Path, count: int) -> list[int]:
-    """The first ``count`` digits test images as 8x8 grey PNGs in nested folders."""
+    """The first ``count`` digits test images as 8x8 grey BMPs (all of one size) in nested
+    folders."""
     data = DigitsDataModule()
     data.setup("test")
     labels = []
     for i in range(count):
         image, label = data.test_dataset[i]
         pixels = (image[0].numpy() * 255).round().astype(np.uint8)  # (8, 8)
-        path = folder / f"group{i % 2}" / f"digit{i:02d}#{label}.png"  # '#' is no comment
+        path = folder / f"group{i % 2}" / f"digit{i:02d}#{label}.bmp"  # '#' is no comment
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels, mode="L").save(path)
         labels.append(label)
@@ -164,16 +165,17 @@ def test_a_folder_of_image_files(isolated_run, capsys, digits_checkpoint):
     rows = read_table(out / "predict.tsv")
     assert rows[0] == ["idx", "file", "pred1", "radius1"]
     files = [r[1] for r in rows[1:]]
-    assert files == sorted(files) and files[0] == f"group0/digit00#{labels[0]}.png"
+    assert files == sorted(files) and files[0] == f"group0/digit00#{labels[0]}.bmp"
     predicted = {r[1]: int(r[2]) for r in rows[1:]}
-    truth = {f"group{i % 2}/digit{i:02d}#{y}.png": y for i, y in enumerate(labels)}
+    truth = {f"group{i % 2}/digit{i:02d}#{y}.bmp": y for i, y in enumerate(labels)}
     assert sum(predicted[f] == y for f, y in truth.items()) >= 8
     assert "10 examples" in capsys.readouterr().out
 
     first, second = (
-        Path("images", f"group{i % 2}", f"digit{i:02d}#{labels[i]}.png") for i in (0, 1)
+        Path("images", f"group{i % 2}", f"digit{i:02d}#{labels[i]}.bmp") for i in (0, 1)
     )
-    first.write_bytes(second.read_bytes())  # same name, another digit
+    assert first.stat().st_size == second.stat().st_size
+    first.write_bytes(second.read_bytes())  # same name and size, another digit
     assert main(args) == 0
     assert "already in" not in capsys.readouterr().out
     (rerun,) = set(Path("runs", "predict").iterdir()) - {out}

@@ -112,6 +112,9 @@ def test_fit_logs_offline_to_wandb_and_keeps_everything_under_runs(isolated_run,
     finally:
         wandb.finish()
     assert list(Path("runs", "topk-smoothing-digits").iterdir()) == [run_dir]
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())  # still a new run's config
+    logger_args = saved["trainer"]["logger"]["init_args"]
+    assert logger_args.get("id") is None and logger_args.get("resume") is None
     run_files = sorted(Path("runs", "wandb").glob(f"offline-run-*-{run_dir.name}/run-*.wandb"))
     assert len(run_files) == 2
     accuracy += [row["val/acc_top1"] for row in history(run_files[1]) if "val/acc_top1" in row]
