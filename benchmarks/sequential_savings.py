@@ -33,10 +33,8 @@ Also printed: where the samples of ``sequential`` go, by how many targets fixed 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -48,6 +46,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import machine  # noqa: E402
 from certify.commands.countfile import read_counts  # noqa: E402
 from certify.math.radius import certified_radius  # noqa: E402
 from certify.math.sequential import (  # noqa: E402
@@ -259,17 +258,11 @@ def digits_counts(args) -> Path:
     return work / "counts" / "counts.txt"
 
 
-def machine() -> str:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        commit = "unknown"
+def machine_line() -> str:
+    m = machine(torch.device("cpu"))
     return (
-        f"{datetime.date.today()}, commit {commit or 'unknown'}, torch {torch.__version__}, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}"
+        f"{m['date']}, commit {m['commit']}, torch {m['torch']}, {m['cpu']}, "
+        f"{m['cores']} CPUs, Python {m['python']}"
     )
 
 
@@ -286,7 +279,7 @@ def main() -> None:
     sources = {"cifar10": CIFAR_COUNTS}
     if "digits" in args.sources:
         sources["digits"] = digits_counts(args)
-    lines = [f"Sequential vs fixed n ({machine()}); n_max = {N_MAX:,}, alpha = {ALPHA}, "
+    lines = [f"Sequential vs fixed n ({machine_line()}); n_max = {N_MAX:,}, alpha = {ALPHA}, "
              f"sigma = {SIGMA}, {args.repeats} streams per input", ""]  # fmt: skip
     numbers = {}
     for name in args.sources:

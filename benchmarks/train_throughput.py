@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import MODELS  # noqa: E402
+from benchmarks.common import MODELS, machine  # noqa: E402
 
 BATCH = {"digits_cnn": 64, "cifar_resnet20": 256, "cifar_resnet110": 256, "resnet50": 256}
 SIGMA = 0.25
@@ -149,19 +148,6 @@ def lightning_fit(
         with contextlib.redirect_stdout(sys.stderr):
             trainer.fit(model, train_dataloaders=loader)
     return timer.images / timer.seconds
-
-
-def machine(device: torch.device) -> dict:
-    info = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "cpu": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def main(argv=None) -> int:

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,6 +32,9 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.common import machine  # noqa: E402
+
 CONFIGS = {
     "gaussian": REPO / "configs" / "digits.yaml",
     "consistency": REPO / "configs" / "digits_consistency.yaml",
@@ -157,27 +158,6 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as info:
-            names = [line.split(":", 1)[1].strip() for line in info if "model name" in line]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    commit = subprocess.run(
-        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=REPO
-    ).stdout.strip()
-    return {
-        "date": datetime.date.today().isoformat(),
-        "commit": commit or "unknown (not a git checkout)",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", type=Path, default=REPO / "runs" / "training_recipes")
@@ -204,7 +184,7 @@ def main() -> None:
                     continue
                 results.append(one_run(loss, sigma, seed, out, args.n, args.alpha, args.threads))
     summary = summarise(results)
-    report = {"machine": machine(), "summary": summary, "runs": results}
+    report = {"machine": machine(torch.device("cpu")), "summary": summary, "runs": results}
     (out / "results.json").write_text(json.dumps(report, indent=1))
     (out / "table.md").write_text(markdown(summary) + "\n")
     print(json.dumps(report["machine"]))

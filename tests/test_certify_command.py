@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,27 +12,19 @@ from certify.commands.checkpoints import CheckpointError, load_network_weights
 from certify.commands.countfile import read_counts
 from certify.math.radius import certified_radius
 from lightning_modules.models import build_network
+from tests.console import read_rows, run_command
 
 REPO = Path(__file__).resolve().parents[1]
 N, EXAMPLES = 300, 24
 
 
 def certify(cwd: Path, ckpt: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable, "-m", "certify", "certify",
-        "--config", str(REPO / "configs" / "digits.yaml"),
-        "--ckpt_path", str(ckpt), "--n", str(N), "--alpha", "0.01", "--k", "1", "3",
-        "--skip", "3", "--max_examples", str(EXAMPLES), "--seed", "7", "--output_dir", out,
+    return run_command(
+        cwd, "certify", "--config", REPO / "configs" / "digits.yaml",
+        "--ckpt_path", ckpt, "--n", N, "--alpha", "0.01", "--k", "1", "3",
+        "--skip", "3", "--max_examples", EXAMPLES, "--seed", "7", "--output_dir", out,
         "--trainer.enable_progress_bar", "false", *extra,
-    ]  # fmt: skip
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
-
-
-def table(path: Path) -> list[list[str]]:
-    """certify.tsv without its wall-clock `seconds` column."""
-    rows = [line.split("\t") for line in path.read_text().splitlines()]
-    assert rows[0][-1] == "seconds"
-    return [row[:-1] for row in rows]
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +36,7 @@ def single_run(digits_checkpoint, tmp_path_factory):
 
 
 def test_output_files(single_run):
-    rows = table(single_run / "certify.tsv")
+    rows = read_rows(single_run / "certify.tsv")
     assert rows[0] == ["idx", "label", "pred1", "pred2", "pred3", "radius_top1", "radius_top3"]
     assert [int(r[0]) for r in rows[1:]] == list(range(0, 3 * EXAMPLES, 3))
     for name in ("counts.txt", "report.md", "report.csv", "certified_accuracy.png", "certify.json"):
@@ -57,7 +48,7 @@ def test_counts_file_reproduces_the_radii(single_run):
     """counts.txt feeds `radius`: same radii without sampling again; rows sum to n."""
     counts, labels = read_counts(single_run / "counts.txt")
     assert (counts.sum(axis=1) == N).all()
-    rows = table(single_run / "certify.tsv")[1:]
+    rows = read_rows(single_run / "certify.tsv")[1:]
     np.testing.assert_array_equal(labels, [int(r[1]) for r in rows])
     radii = certified_radius(counts, labels, (1, 3), sigma=0.25, alpha=0.01).numpy()
     written = np.array([[float(v) for v in r[5:7]] for r in rows])
@@ -73,7 +64,7 @@ def test_two_processes_write_the_same_files(single_run, digits_checkpoint):
     extra = ("--trainer.devices", "2", "--trainer.strategy", "ddp")
     result = certify(cwd, digits_checkpoint, "double", *extra)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert table(cwd / "double" / "certify.tsv") == table(single_run / "certify.tsv")
+    assert read_rows(cwd / "double" / "certify.tsv") == read_rows(single_run / "certify.tsv")
     assert (cwd / "double" / "counts.txt").read_bytes() == (single_run / "counts.txt").read_bytes()
     assert len(list((cwd / "double" / "parts").glob("rank*.tsv"))) == 2
 
@@ -90,7 +81,7 @@ def test_resume_completes_an_interrupted_run(single_run, digits_checkpoint):
     (partial / "parts" / "rank0.tsv").write_text("".join(lines[:10]) + lines[10][:7])  # torn row
     result = certify(cwd, digits_checkpoint, "partial")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert table(partial / "certify.tsv") == table(single_run / "certify.tsv")
+    assert read_rows(partial / "certify.tsv") == read_rows(single_run / "certify.tsv")
     assert (partial / "counts.txt").read_bytes() == (single_run / "counts.txt").read_bytes()
     assert len((partial / "parts" / "rank0.tsv").read_text().splitlines()) == EXAMPLES
 
@@ -110,7 +101,7 @@ def test_reduced_precision_and_compile(single_run, digits_checkpoint):
     assert (counts.sum(axis=1) == N).all()
     assert not np.array_equal(counts, reference)
     assert np.abs(counts - reference).sum() < 0.05 * reference.sum()  # the same classifier
-    rows = table(cwd / "bf16" / "certify.tsv")[1:]
+    rows = read_rows(cwd / "bf16" / "certify.tsv")[1:]
     radii = certified_radius(counts, labels, (1, 3), sigma=0.25, alpha=0.01).numpy()
     written = np.array([[float(v) for v in r[5:7]] for r in rows])
     np.testing.assert_allclose(written, radii, rtol=1e-9, equal_nan=True)

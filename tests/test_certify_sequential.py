@@ -3,7 +3,6 @@ the report, and refused settings."""
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from certify.commands.checkpoints import load_network_weights
 from datamodules import DigitsDataModule
 from lightning_modules.cli import main
 from lightning_modules.models import build_network
+from tests.console import read_rows, run_command
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "configs" / "digits.yaml")
@@ -23,20 +23,12 @@ QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
 
 
 def certify(cwd: Path, ckpt: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable, "-m", "certify", "certify", "--config", DIGITS, "--ckpt_path", str(ckpt),
-        "--n", str(N_MAX), "--alpha", "0.01", "--k", "1", "3", "--skip", "2",
-        "--max_examples", str(EXAMPLES), "--seed", "7", "--output_dir", out,
-        "--sequential", "--radii", *map(str, TARGETS), *QUIET, *extra,
-    ]  # fmt: skip
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
-
-
-def rows(path: Path) -> list[list[str]]:
-    """certify.tsv without its wall-clock `seconds` column."""
-    table = [line.split("\t") for line in path.read_text().splitlines()]
-    assert table[0][-1] == "seconds"
-    return [row[:-1] for row in table]
+    return run_command(
+        cwd, "certify", "--config", DIGITS, "--ckpt_path", ckpt,
+        "--n", N_MAX, "--alpha", "0.01", "--k", "1", "3", "--skip", "2",
+        "--max_examples", EXAMPLES, "--seed", "7", "--output_dir", out,
+        "--sequential", "--radii", *TARGETS, *QUIET, *extra,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +41,7 @@ def sequential_run(digits_checkpoint, tmp_path_factory):
 
 def test_files_and_settings(sequential_run):
     out, stdout = sequential_run
-    table = rows(out / "certify.tsv")
+    table = read_rows(out / "certify.tsv")
     assert table[0] == ["idx", "label", "pred1", "pred2", "pred3"] + [
         "radius_top1", "radius_top3", "samples"
     ]  # fmt: skip
@@ -83,7 +75,7 @@ def test_the_command_certifies_what_the_api_certifies(sequential_run, digits_che
     cert = smoothed.certify_sequential(
         x, labels, (1, 3), TARGETS, N_MAX, 0.01, seed=7, example_ids=indices
     )
-    table = rows(out / "certify.tsv")[1:]
+    table = read_rows(out / "certify.tsv")[1:]
     written = np.array([[float(v) for v in r[5:7]] for r in table])
     np.testing.assert_array_equal(written, cert.radius.numpy())
     assert [int(r[7]) for r in table] == cert.samples.tolist()
@@ -99,7 +91,7 @@ def test_resume_completes_an_interrupted_run(sequential_run, digits_checkpoint):
     (partial / "parts" / "rank0.tsv").write_text("".join(lines[:5]) + lines[5][:9])  # torn row
     result = certify(out.parent, digits_checkpoint, "partial")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert rows(partial / "certify.tsv") == rows(out / "certify.tsv")
+    assert read_rows(partial / "certify.tsv") == read_rows(out / "certify.tsv")
 
 
 def test_a_fixed_n_directory_is_not_mixed_with_a_sequential_run(sequential_run, digits_checkpoint):

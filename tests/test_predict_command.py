@@ -3,7 +3,6 @@ split and on a folder of image files; consistency with the math, the noise strea
 2 processes, and one-line refusals."""
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from certify.math.prediction import certified_prediction
 from datamodules import DigitsDataModule
 from lightning_modules import NoisyClassifier
 from lightning_modules.cli import main
+from tests.console import read_rows, run_command
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "configs" / "digits.yaml")
@@ -24,20 +24,11 @@ QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
 
 
 def predict(cwd: Path, ckpt: Path, *extra: str) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable, "-m", "certify", "predict", "--config", DIGITS,
-        "--ckpt_path", str(ckpt), "--n0", str(N0), "--n", str(N), "--alpha", str(ALPHA),
-        "--k", str(K), "--skip", "3", "--max_examples", str(EXAMPLES), "--seed", "7",
-        *QUIET, *extra,
-    ]  # fmt: skip
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900)
-
-
-def read_table(path: Path) -> list[list[str]]:
-    """predict.tsv without its wall-clock `seconds` column."""
-    rows = [line.split("\t") for line in path.read_text().splitlines()]
-    assert rows[0][-1] == "seconds"
-    return [row[:-1] for row in rows]
+    return run_command(
+        cwd, "predict", "--config", DIGITS, "--ckpt_path", ckpt, "--n0", N0, "--n", N,
+        "--alpha", ALPHA, "--k", K, "--skip", "3", "--max_examples", EXAMPLES, "--seed", "7",
+        *QUIET, *extra, timeout=900,
+    )  # fmt: skip
 
 
 def read_counts(path: Path) -> tuple[list[int], np.ndarray, np.ndarray]:
@@ -62,7 +53,7 @@ def test_split_table_is_certified_prediction_of_the_counts(split_run):
     samples have the sizes asked for, no fresh sample is drawn where the selection ties, and
     the trained model answers most examples while others abstain."""
     out, stdout = split_run
-    rows = read_table(out / "predict.tsv")
+    rows = read_rows(out / "predict.tsv")
     assert rows[0] == ["idx", "label", "pred1", "pred2", "radius1", "radius2"]
     assert [int(r[0]) for r in rows[1:]] == list(range(0, 3 * EXAMPLES, 3))
     idx, selection, counts = read_counts(out / "counts.tsv")
@@ -116,7 +107,7 @@ def test_resume_completes_an_interrupted_run(split_run, digits_checkpoint):
     result = predict(out.parent, digits_checkpoint, "--output_dir", "partial")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "9 of 24 examples already in partial, resuming" in result.stdout
-    assert read_table(partial / "predict.tsv") == read_table(out / "predict.tsv")
+    assert read_rows(partial / "predict.tsv") == read_rows(out / "predict.tsv")
     assert (partial / "counts.tsv").read_bytes() == (out / "counts.tsv").read_bytes()
     other = predict(out.parent, digits_checkpoint, "--output_dir", "partial", "--n0", "61")
     assert (
@@ -131,7 +122,7 @@ def test_two_processes_write_the_same_files(split_run, digits_checkpoint):
     result = predict(out.parent, digits_checkpoint, *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     double = out.parent / "double"
-    assert read_table(double / "predict.tsv") == read_table(out / "predict.tsv")
+    assert read_rows(double / "predict.tsv") == read_rows(out / "predict.tsv")
     assert (double / "counts.tsv").read_bytes() == (out / "counts.tsv").read_bytes()
     assert len(list((double / "parts").glob("rank*.tsv"))) == 2
 
@@ -162,7 +153,7 @@ def test_a_folder_of_image_files(isolated_run, capsys, digits_checkpoint):
     assert main(args) == 0
     (out,) = Path("runs", "predict").iterdir()
     assert out.name.split("_images-")[1][8:] == "_n0-50_n300_sigma0.25_k1"  # 8 digest digits
-    rows = read_table(out / "predict.tsv")
+    rows = read_rows(out / "predict.tsv")
     assert rows[0] == ["idx", "file", "pred1", "radius1"]
     files = [r[1] for r in rows[1:]]
     assert files == sorted(files) and files[0] == f"group0/digit00#{labels[0]}.bmp"
@@ -179,7 +170,7 @@ def test_a_folder_of_image_files(isolated_run, capsys, digits_checkpoint):
     assert main(args) == 0
     assert "already in" not in capsys.readouterr().out
     (rerun,) = set(Path("runs", "predict").iterdir()) - {out}
-    rows = read_table(rerun / "predict.tsv")
+    rows = read_rows(rerun / "predict.tsv")
     assert rows[1][1] == first.relative_to("images").as_posix() and int(rows[1][2]) == labels[1]
 
 
