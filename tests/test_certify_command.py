@@ -12,7 +12,7 @@ from certify.commands.checkpoints import CheckpointError, load_network_weights
 from certify.commands.countfile import read_counts
 from certify.math.radius import certified_radius
 from lightning_modules.models import build_network
-from tests.console import read_rows, run_command
+from tests.console import interrupted_copy, read_rows, run_command
 
 REPO = Path(__file__).resolve().parents[1]
 N, EXAMPLES = 300, 24
@@ -74,11 +74,7 @@ def test_resume_completes_an_interrupted_run(single_run, digits_checkpoint):
     certifies only the missing examples and ends with the same files."""
     cwd = single_run.parent
     partial = cwd / "partial"
-    partial.mkdir()
-    (partial / "parts").mkdir()
-    (partial / "certify.json").write_bytes((single_run / "certify.json").read_bytes())
-    lines = (single_run / "parts" / "rank0.tsv").read_text().splitlines(keepends=True)
-    (partial / "parts" / "rank0.tsv").write_text("".join(lines[:10]) + lines[10][:7])  # torn row
+    interrupted_copy(single_run, partial, "certify.json", rows=10, cut=7)
     result = certify(cwd, digits_checkpoint, "partial")
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_rows(partial / "certify.tsv") == read_rows(single_run / "certify.tsv")

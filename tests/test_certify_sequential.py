@@ -14,7 +14,7 @@ from certify.commands.checkpoints import load_network_weights
 from datamodules import DigitsDataModule
 from lightning_modules.cli import main
 from lightning_modules.models import build_network
-from tests.console import read_rows, run_command
+from tests.console import interrupted_copy, read_rows, run_command
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "configs" / "digits.yaml")
@@ -85,10 +85,7 @@ def test_the_command_certifies_what_the_api_certifies(sequential_run, digits_che
 def test_resume_completes_an_interrupted_run(sequential_run, digits_checkpoint):
     out, _ = sequential_run
     partial = out.parent / "partial"
-    (partial / "parts").mkdir(parents=True)
-    (partial / "certify.json").write_bytes((out / "certify.json").read_bytes())
-    lines = (out / "parts" / "rank0.tsv").read_text().splitlines(keepends=True)
-    (partial / "parts" / "rank0.tsv").write_text("".join(lines[:5]) + lines[5][:9])  # torn row
+    interrupted_copy(out, partial, "certify.json", rows=5, cut=9)
     result = certify(out.parent, digits_checkpoint, "partial")
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_rows(partial / "certify.tsv") == read_rows(out / "certify.tsv")

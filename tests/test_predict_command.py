@@ -15,7 +15,7 @@ from certify.math.prediction import certified_prediction
 from datamodules import DigitsDataModule
 from lightning_modules import NoisyClassifier
 from lightning_modules.cli import main
-from tests.console import read_rows, run_command
+from tests.console import interrupted_copy, read_rows, run_command
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "configs" / "digits.yaml")
@@ -100,10 +100,7 @@ def test_selection_and_fresh_counts_come_from_their_own_streams(split_run, digit
 def test_resume_completes_an_interrupted_run(split_run, digits_checkpoint):
     out, _ = split_run
     partial = out.parent / "partial"
-    (partial / "parts").mkdir(parents=True)
-    (partial / "predict.json").write_bytes((out / "predict.json").read_bytes())
-    lines = (out / "parts" / "rank0.tsv").read_text().splitlines(keepends=True)
-    (partial / "parts" / "rank0.tsv").write_text("".join(lines[:9]) + lines[9][:5])  # torn row
+    interrupted_copy(out, partial, "predict.json", rows=9, cut=5)
     result = predict(out.parent, digits_checkpoint, "--output_dir", "partial")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "9 of 24 examples already in partial, resuming" in result.stdout
