@@ -105,7 +105,7 @@ def one_run(
     certify_seconds = run(
         command(
             "certify", *config, "--ckpt_path", str(last), "--n", str(n), "--alpha", str(alpha),
-            "--k", *map(str, TOP_K), "--split", "test", "--seed", "0",
+            "--k", f"[{','.join(map(str, TOP_K))}]", "--split", "test", "--seed", "0",
             "--output_dir", str(certify_dir), "--trainer.logger", "false",
         ),
         folder / "certify.log",

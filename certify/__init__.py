@@ -4,9 +4,8 @@ Where things live:
 
 - ``certify.math``: Clopper-Pearson bounds, Theorem 1's radius, PREDICT, sequential
   certification; no Lightning.
-- ``certify.sampling``: ``SmoothedClassifier``, the seeded noise streams, batch packing and
-  batch-size tuning; no Lightning.
-- ``certify.training``: the ``CertifiedTopKAccuracy`` metric and the
+- ``certify.sampling``: ``SmoothedClassifier`` and its seeded noise streams; no Lightning.
+- ``certify.training``: the ``CertifiedTopKAccuracy`` metric, its ``markdown_table`` and the
   ``CertificationCallback`` used while training (Lightning).
 - ``certify.commands``: the ``topk-smoothing`` console commands ``certify``, ``predict``,
   ``report`` and ``radius`` (runners, output directories, settings, count files, checkpoints).

@@ -1,16 +1,11 @@
-"""What every datamodule shares: loaders, and the attributes the model and certification read.
-
-A datamodule exposes ``num_classes``, ``mean`` and ``std`` (per channel, for the model's
-normalisation layer) from ``__init__`` on, so the CLI can link them into the model. After
-``setup``, ``train_dataset``, ``val_dataset`` and ``test_dataset`` return ``(image, label)``
-with ``image`` a float tensor ``(C, H, W)`` in [0, 1] (never normalised) and ``label`` an int,
-at stable indices (certification picks a fixed subset by index).
-"""
+"""What datamodules share: loaders, validation splits, ``num_classes``, ``mean`` and ``std`` from
+``__init__`` on (the CLI links them), and datasets of ``(image (C, H, W) in [0, 1], label)`` at
+stable indices after ``setup``."""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -18,130 +13,67 @@ import torch
 from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Subset
 
-
-class ArrayDataset(Dataset):
-    """In-memory ``(image, int label)`` pairs from a ``(N, C, H, W)`` tensor and ``(N,)`` labels."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.images = images  # (N, C, H, W)
-        self.labels = labels  # (N,)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index], int(self.labels[index])  # (C, H, W), int
+from certify.math.validation import UsageError
 
 
-class DataSplitError(ValueError):
-    """A validation split the data cannot give (one-line message)."""
-
-
-def holdout_split(
-    labels: Sequence[int], seed: int, size: int = 0, per_class: int = 0, classes=None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted ``(train, val)`` indices: ``size`` examples, or ``per_class`` of every class, drawn
-    with ``seed`` for validation; the rest for training. ``classes`` names the labels.
-
-    Raises:
-        DataSplitError: the split would leave no training example (of some class).
-    """
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
+def split_off_validation(train_set, eval_transform, seed: int, size: int = 0, per_class: int = 0):
+    """``(train, val)`` subsets, sorted: ``size`` images, or ``per_class`` of every class, drawn
+    with ``seed`` and seen with ``eval_transform``; the rest for training."""
+    labels, rng = np.asarray(train_set.targets), np.random.default_rng(seed)
+    if size >= len(labels):
+        raise UsageError(f"val_size {size} leaves none of the {len(labels)} training images")
     if size:
-        if size >= len(labels):
-            raise DataSplitError(
-                f"val_size {size} leaves none of the {len(labels)} training images"
-            )
         val = rng.permutation(len(labels))[:size]
     else:
-        val = []
-        for label in np.unique(labels):
-            members = np.flatnonzero(labels == label)
-            if per_class >= len(members):
-                name = repr(classes[label]) if classes is not None else int(label)
-                raise DataSplitError(
-                    f"class {name} has {len(members)} training images: val_per_class "
-                    f"{per_class} leaves none for training (lower data.val_per_class)"
-                )
-            val.append(rng.permutation(members)[:per_class])
-        val = np.concatenate(val) if val else np.zeros(0, dtype=np.int64)
-    val = np.sort(val).astype(np.int64)
+        classes, sizes = np.unique(labels, return_counts=True)
+        if per_class >= sizes.min():
+            name, least = train_set.classes[classes[sizes.argmin()]], sizes.min()
+            raise UsageError(
+                f"class {name!r} has {least} training images: "
+                f"val_per_class {per_class} leaves none for training"
+            )
+        val = np.concatenate(
+            [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in classes]
+        )
     train = np.setdiff1d(np.arange(len(labels)), val)
-    return train, val
-
-
-def with_transform(dataset: Dataset, transform) -> Dataset:
-    """A shallow copy of a torchvision dataset (same files, same arrays) with another transform."""
-    other = copy.copy(dataset)
-    other.transform = transform
-    return other
-
-
-def split_off_validation(train_set: Dataset, eval_transform, labels, seed: int, **amount):
-    """``(train, val)`` subsets of ``train_set``: the validation images are seen with
-    ``eval_transform`` and never trained on (``holdout_split``)."""
-    train, val = holdout_split(labels, seed, classes=getattr(train_set, "classes", None), **amount)
-    evaluated = with_transform(train_set, eval_transform)
-    return Subset(train_set, train.tolist()), Subset(evaluated, val.tolist())
+    evaluated = copy.copy(train_set)  # the same files and arrays, another transform
+    evaluated.transform = eval_transform
+    return Subset(train_set, train.tolist()), Subset(evaluated, sorted(val.tolist()))
 
 
 def require_dir(path: str | Path, what: str) -> Path:
-    """``path`` as a ``Path`` if it is a directory, else a one-line ``FileNotFoundError``."""
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"{what} {str(path)!r} is not a directory")
+        raise UsageError(f"{what} {str(path)!r} is not a directory")
     return path
 
 
 class ImageClassificationDataModule(LightningDataModule):
-    """Base class: subclasses set ``num_classes``, ``mean`` and ``std``, and build datasets in
-    ``setup``.
-
-    Args:
-        batch_size: examples per batch and per process (with DDP the global batch is
-            ``batch_size * devices * num_nodes``).
-        num_workers: data-loading worker processes per training process.
-    """
-
-    num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    """Subclasses set ``num_classes``, ``mean``, ``std``, build the datasets in ``setup``, and
+    have their ``__init__`` arguments saved (builtin ints: checkpoints load weights-only)."""
 
     def __init__(self, batch_size: int, num_workers: int) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.train_dataset: Dataset | None = None
-        self.val_dataset: Dataset | None = None
-        self.test_dataset: Dataset | None = None
+        self.save_hyperparameters(frame=inspect.currentframe().f_back)
+        for key, value in self.hparams.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                self.hparams[key] = int(value)  # not jsonargparse's PositiveInt
+        self._hparams_initial = copy.deepcopy(self._hparams)
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.train_dataset = self.val_dataset = self.test_dataset = None
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}.setup() has not built this split")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+    def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
+        workers, pin = self.num_workers, torch.cuda.is_available()  # keywords: DDP rebuilds it
+        kwargs = dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=pin)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, shuffle=False)
+        return self._loader(self.val_dataset)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, shuffle=False)
+        return self._loader(self.test_dataset)
 
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, shuffle=False)
+    predict_dataloader = test_dataloader

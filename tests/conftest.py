@@ -33,17 +33,6 @@ def reference_radii_top3(reference_dir):
     return np.loadtxt(reference_dir / "radii_top3_alpha0.001.txt", skiprows=1)[:, 1]
 
 
-@pytest.fixture
-def tuning(monkeypatch):
-    """``tuning(NAME=value, ...)`` overrides ``certify.sampling.batching``'s tuning constants for
-    the test; the batch-size cache is empty before and after it."""
-    from certify.sampling import batching
-
-    batching.clear_batch_size_cache()
-    yield lambda **settings: [monkeypatch.setattr(batching, k, v) for k, v in settings.items()]
-    batching.clear_batch_size_cache()
-
-
 # ----------------------------------------------------------------------------- training
 CONFIGS = REPO / "configs"
 
@@ -134,6 +123,17 @@ def lightning_cli():
         return TopkLightningCLI(args=[str(a) for a in args], run=run)
 
     return cli
+
+
+def parse_init(cls, *args: str):
+    """``cls`` made as the CLI makes it: ``--NAME value`` arguments checked against the type
+    hints of its ``__init__`` (a bad value raises jsonargparse's ``ArgumentError``)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "init")
+    config = parser.parse_args([a.replace("--", "--init.", 1) for a in args])
+    return parser.instantiate(config).init
 
 
 @pytest.fixture(scope="session")

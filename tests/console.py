@@ -1,15 +1,49 @@
-"""The console commands run as a user runs them (``python -m certify ...`` in a folder), and
-their TSV outputs read back."""
+"""The console commands as a user runs them, in this process (``main(argv)``) or in a fresh
+one (``python -m certify ...``), and their TSV outputs read back."""
 
+import contextlib
+import io
 import subprocess
 import sys
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = str(REPO / "configs" / "digits.yaml")
+QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
 
-def run_command(cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``topk-smoothing ARGS...`` in a fresh process in ``cwd``; output captured as text."""
+
+def console(*args) -> tuple[int, str, str]:
+    """``topk-smoothing ARGS...`` in this process: exit status, stdout and stderr."""
+    from certify.commands.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def start_command(request, cwd: Path, *args) -> subprocess.Popen | None:
+    """``topk-smoothing ARGS...`` started in a fresh process in ``cwd`` (output captured as
+    text), for a ``ddp`` test of ``request``'s module: it runs while the module's other tests
+    run here. None when no such test is selected."""
+    selected = request.session.items
+    if not any(i.module is request.module and i.get_closest_marker("ddp") for i in selected):
+        return None
     command = [sys.executable, "-m", "certify", *map(str, args)]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.Popen(
+        command, cwd=cwd, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+
+
+def assert_one_line_error(result: tuple[int, str, str], command: str, *needles: str) -> str:
+    """Exit status 2 and one line ``topk-smoothing COMMAND: error: ...`` naming ``needles``."""
+    code, _, err = result
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err[-3000:]
+    assert lines[0].startswith(f"topk-smoothing {command}: error: "), lines
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
 
 
 def read_rows(path: Path) -> list[list[str]]:
@@ -28,3 +62,16 @@ def interrupted_copy(run: Path, partial: Path, settings: str, rows: int, cut: in
     (partial / settings).write_bytes((run / settings).read_bytes())
     lines = (run / "parts" / "rank0.tsv").read_text().splitlines(keepends=True)
     (partial / "parts" / "rank0.tsv").write_text("".join(lines[:rows]) + lines[rows][:cut])
+
+
+def trainer_and_model(ckpt: Path):
+    """``(CertifyingTrainer on the CPU, NoisyClassifier of ckpt)``: the commands' methods
+    called directly, without the console's parsing."""
+    from certify.commands.runner import CertifyingTrainer
+    from lightning_modules import NoisyClassifier
+
+    trainer = CertifyingTrainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    return trainer, NoisyClassifier.load_from_checkpoint(ckpt, weights=None)

@@ -5,6 +5,7 @@ import pytest
 from scipy.stats import beta
 
 from certify import binocp_bounds, clopper_pearson_lower, clopper_pearson_upper, simuem_bounds
+from certify.math.validation import UsageError
 
 
 def test_clopper_pearson_matches_beta_quantiles():
@@ -33,9 +34,9 @@ def test_exact_ends():
 def test_tiny_levels_are_refused_where_beta_quantiles_break_down():
     # At 1.3e-281 SciPy's inverse returns 0.4318 for a true quantile of 0.4130 (a lower bound
     # that misses 2.5e16 times too often, a radius 23 % too large): such levels are refused.
-    with pytest.raises(ValueError, match="level must be at least 1e-100 .* got 1.3e-281"):
+    with pytest.raises(UsageError, match="level must be at least 1e-100 .* got 1.3e-281"):
         clopper_pearson_lower(875, 910, 1.3e-281)
-    with pytest.raises(ValueError, match="alpha must be at least 1e-100"):
+    with pytest.raises(UsageError, match="alpha must be at least 1e-100"):
         simuem_bounds([[875, 35, 0]], 1e-150)
     # At the smallest accepted level the bound still has Beta probability 1e-100 below it.
     bound = clopper_pearson_lower(875, 910, 1e-100)
@@ -83,5 +84,5 @@ def test_binocp_uses_one_bound_at_alpha():
     ],
 )
 def test_bad_arguments(call, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UsageError, match=match):
         call()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -14,9 +15,10 @@ import wandb
 import yaml
 
 from certify import CertificationCallback
+from certify.commands.cli import main as cli_main
+from certify.math.validation import UsageError
 from datamodules import DigitsDataModule
 from lightning_modules import NoisyClassifier
-from lightning_modules.cli import main as cli_main
 from tests.wandb_records import history
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,27 +109,36 @@ def _read_csv_metrics(directory: Path) -> dict:
 
 
 @pytest.mark.ddp
-def test_validate_is_bit_identical_on_one_and_two_processes(digits_fit, tmp_path):
+def test_validate_is_bit_identical_on_one_and_two_processes(
+    digits_fit, tmp_path, monkeypatch, capsys
+):
+    """``validate`` in this process, then on 2 DDP processes (a subprocess: Lightning launches
+    the second process by running the command again): the same numbers and printed table."""
     (ckpt,) = digits_fit.glob("runs/**/checkpoints/last.ckpt")
+    monkeypatch.chdir(tmp_path)
     results, tables = [], []
     for devices in (1, 2):
         logger = {
             "class_path": "pytorch_lightning.loggers.CSVLogger",
             "init_args": {"save_dir": f"csv{devices}", "name": "validate"},
         }
-        config = small_config(tmp_path, logger=logger, n=256, num_examples=90)
-        command = [sys.executable, "-m", "certify", "validate", "--config", str(config)]
-        command += ["--ckpt_path", str(ckpt), "--trainer.devices", str(devices)]
-        if devices > 1:
-            command += ["--trainer.strategy", "ddp"]
-        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
+        config = small_config(tmp_path, logger=logger, n=128, num_examples=45, batch_size=512)
+        args = ["validate", "--config", str(config), "--ckpt_path", str(ckpt)]
+        args += ["--trainer.devices", str(devices)]
+        if devices == 1:
+            assert cli_main(args) == 0
+            out = capsys.readouterr().out
+        else:
+            command = [sys.executable, "-m", "certify", *args, "--trainer.strategy", "ddp"]
+            run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+            assert run.returncode == 0, run.stderr[-3000:]
+            out = run.stdout
         results.append(_read_csv_metrics(tmp_path / f"csv{devices}"))
-        tables.append([line for line in result.stdout.splitlines() if line.startswith("| top-")])
+        tables.append([line for line in out.splitlines() if line.startswith("| top-")])
     assert set(results[0]) >= set(KEYS) - {"val/certify_seconds"}
     certified = {k: v for k, v in results[0].items() if k != "val/certify_seconds"}
     assert certified == {k: v for k, v in results[1].items() if k != "val/certify_seconds"}
-    assert len(tables[0]) == 3 and tables[1] == tables[0]  # the printed table: all 90 examples
+    assert len(tables[0]) == 3 and tables[1] == tables[0]  # the printed table: all 45 examples
 
 
 class TestFailsEarly:
@@ -144,13 +155,13 @@ class TestFailsEarly:
 
     def test_k_not_below_num_classes(self):
         model, data = self.model_and_data()
-        with pytest.raises(ValueError, match="1 <= k < c = 10"):
+        with pytest.raises(UsageError, match="1 <= k < c = 10"):
             self.trainer(CertificationCallback(top_k=[1, 10], n=10)).validate(model, data)
 
     def test_no_validation_data(self):
         model, data = self.model_and_data()
         data.val_dataloader = lambda: None
-        with pytest.raises(ValueError, match="no validation data"):
+        with pytest.raises(UsageError, match="no validation data"):
             self.trainer(CertificationCallback(n=10)).fit(model, data)
 
     @pytest.mark.parametrize(
@@ -163,7 +174,7 @@ class TestFailsEarly:
         ],
     )
     def test_impossible_settings(self, kwargs, match):
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(UsageError, match=match):
             CertificationCallback(**kwargs)
 
     def test_default_top_k_is_capped_below_num_classes(self):
@@ -200,35 +211,34 @@ def test_callback_noise_is_never_the_noise_certify_uses(digits_checkpoint):
     numbers are those of ``certify(..., purpose="validation")`` and not of the streams that
     ``topk-smoothing certify`` uses, so choosing a checkpoint by them does not reuse the
     final certificate's noise."""
-    from certify import SmoothedClassifier
-    from certify.training.metric import CertifiedTopKAccuracy
+    from certify import CertifiedTopKAccuracy, SmoothedClassifier, certified_radius
 
     model = NoisyClassifier.load_from_checkpoint(digits_checkpoint, weights=None)
     data = DigitsDataModule(batch_size=64)
-    callback = CertificationCallback(top_k=[1, 3], n=300, num_examples=20, seed=7)
+    callback = CertificationCallback(top_k=[1, 3], n=300, num_examples=20, seed=7, batch_size=600)
     trainer = pl.Trainer(
         callbacks=[callback], logger=False, enable_checkpointing=False,
         enable_progress_bar=False, accelerator="cpu", devices=1,
     )  # fmt: skip
     trainer.validate(model, data)
-    live = callback.certify_share(trainer, model).compute()
+    live_accuracy, live_acr, _ = callback.last_table  # (K, R), (K,) float64
 
     items = [data.val_dataset[int(i)] for i in callback.indices]
     x = torch.stack([image for image, _ in items])  # (20, 1, 8, 8)
     labels = torch.tensor([label for _, label in items])  # (20,)
     smoothed = SmoothedClassifier(model.net, 10, model.sigma)
-    ids = callback.indices.tolist()
-    acr = {}
-    for purpose in ("validation", "certify"):
-        counts = smoothed.sample_counts(x, 300, seed=7, example_ids=ids, purpose=purpose)
-        radii = smoothed.certify(x, labels, (1, 3), 300, 0.001, seed=7, example_ids=ids,
-                                 purpose=purpose)  # fmt: skip
-        metric = CertifiedTopKAccuracy((1, 3), callback.radii)
-        metric.update(radii)
-        acr[purpose] = (counts, metric.compute())
-    assert all(torch.equal(live[key], acr["validation"][1][key]) for key in live)
-    assert not torch.equal(acr["validation"][0], acr["certify"][0])  # other noise, other counts
-    assert live["acr_top1"] != acr["certify"][1]["acr_top1"]
+    common = dict(batch_size=600, seed=7, example_ids=callback.indices.tolist())
+    radii = smoothed.certify(x, labels, (1, 3), 300, 0.001, purpose="validation", **common)
+    metric = CertifiedTopKAccuracy((1, 3), callback.radii)
+    metric.update(radii)  # (20, 2)
+    accuracy, acr = metric.compute_table()
+    assert (accuracy.numpy() == live_accuracy).all() and (acr.numpy() == live_acr).all()
+    counts = {
+        p: smoothed.sample_counts(x, 300, purpose=p, **common) for p in ("validation", "certify")
+    }
+    assert not torch.equal(counts["validation"], counts["certify"])  # other noise, other counts
+    other = certified_radius(counts["certify"], labels, (1, 3), model.sigma, 0.001)  # (20, 2)
+    assert float(np.nan_to_num(other[:, 0].numpy()).mean()) != live_acr[0]
 
 
 def test_the_share_line_counts_only_epochs_this_fit_ran(tmp_path, capsys):

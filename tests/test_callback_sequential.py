@@ -6,6 +6,7 @@ import pytorch_lightning as pl
 import torch
 
 from certify import CertificationCallback, SmoothedClassifier
+from certify.math.validation import UsageError
 from datamodules import DigitsDataModule
 from lightning_modules import NoisyClassifier
 
@@ -19,8 +20,8 @@ def test_sequential_validation_logs_what_the_api_certifies(digits_checkpoint):
     model = NoisyClassifier.load_from_checkpoint(digits_checkpoint, map_location="cpu")
     data = DigitsDataModule(batch_size=64)
     callback = CertificationCallback(
-        top_k=TOP_K, radii=RADII, n=N_MAX, alpha=0.01, num_examples=24, seed=3,
-        examples_per_call=10, sequential=True,
+        top_k=TOP_K, radii=RADII, n=N_MAX, alpha=0.01, num_examples=12, seed=3,
+        examples_per_call=10, sequential=True, batch_size=1000,
     )  # fmt: skip
     trainer = pl.Trainer(
         callbacks=[callback], logger=False, enable_checkpointing=False,
@@ -31,13 +32,22 @@ def test_sequential_validation_logs_what_the_api_certifies(digits_checkpoint):
 
     data.setup("validate")
     indices = callback.indices.tolist()
-    x = torch.stack([data.val_dataset[i][0] for i in indices])  # (24, 1, 8, 8)
+    x = torch.stack([data.val_dataset[i][0] for i in indices])  # (12, 1, 8, 8)
     labels = torch.tensor([int(data.val_dataset[i][1]) for i in indices])
     smoothed = SmoothedClassifier(model.net.eval(), 10, 0.25)
     cert = smoothed.certify_sequential(
-        x, labels, TOP_K, RADII, N_MAX, 0.01, seed=3, example_ids=indices, purpose="validation"
+        x,
+        labels,
+        TOP_K,
+        RADII,
+        N_MAX,
+        0.01,
+        batch_size=1000,
+        seed=3,
+        example_ids=indices,
+        purpose="validation",
     )
-    radius = np.nan_to_num(cert.radius.numpy(), nan=-1.0)  # (24, K)
+    radius = np.nan_to_num(cert.radius.numpy(), nan=-1.0)  # (12, K)
     for j, k in enumerate(TOP_K):
         for r in RADII:
             expected = float((radius[:, j] >= r).mean())
@@ -56,5 +66,5 @@ def test_sequential_validation_logs_what_the_api_certifies(digits_checkpoint):
     ],
 )
 def test_impossible_sequential_settings(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UsageError, match=match):
         CertificationCallback(sequential=True, **kwargs)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from certify.commands.checkpoints import CheckpointError, read_checkpoint
-from lightning_modules.cli import main
+from certify.commands.checkpoints import read_checkpoint
+from certify.commands.cli import main
+from certify.math.validation import UsageError
 from lightning_modules.models import build_network
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,7 +20,7 @@ DIGITS = str(REPO / "configs" / "digits.yaml")
 QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
 SMALL = {
     "fit": ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1"],
-    "validate": ["--trainer.limit_val_batches", "1"],
+    "validate": ["--trainer.limit_val_batches", "1", "--trainer.callbacks", "[]"],
     "test": ["--trainer.limit_test_batches", "1"],
     "certify": ["--n", "10", "--max_examples", "2", "--output_dir", "out"],
     "predict": ["--n0", "10", "--n", "10", "--max_examples", "2", "--output_dir", "out"],
@@ -64,7 +65,7 @@ def test_with_the_option_it_loads(isolated_run, capsys, pickled_checkpoint, comm
 
 
 def test_read_checkpoint_in_python(pickled_checkpoint):
-    with pytest.raises(CheckpointError, match="pass --trust_checkpoint true"):
+    with pytest.raises(UsageError, match="pass --trust_checkpoint true"):
         read_checkpoint(pickled_checkpoint)
     assert read_checkpoint(pickled_checkpoint, trust=True)["notes"].epochs == 4
 
@@ -94,7 +95,7 @@ def test_two_checkpoints_certified_one_after_the_other(isolated_run, capsys, dig
     checkpoint = torch.load(digits_checkpoint, map_location="cpu", weights_only=True)
     checkpoint["state_dict"]["net.1.fc.bias"] += 0.01
     torch.save(checkpoint, other)
-    args = ["--config", DIGITS, *QUIET, "--n", "20", "--max_examples", "3", "--k", "1", "3"]
+    args = ["--config", DIGITS, *QUIET, "--n", "20", "--max_examples", "3", "--k", "[1,3]"]
     for ckpt in (digits_checkpoint, other, digits_checkpoint):
         assert main(["certify", "--ckpt_path", str(ckpt), *args]) == 0
     folders = sorted(p.name for p in Path("runs", "certify").iterdir())

@@ -1,10 +1,11 @@
-"""User mistakes on `validate`, `test`, `certify` (and `fit` resumes), and `report`: one line,
-``topk-smoothing <cmd>: error: ...`` naming the bad value, exit status 2, no traceback, and
-nothing else printed (the checks run before Lightning builds the trainer).
+"""User mistakes on the console commands: one line, ``topk-smoothing <cmd>: error: ...``
+naming the bad value, exit status 2, no traceback, nothing on stdout and nothing written (the
+checks run before Lightning builds the trainer, or before a logger starts a run).
 
 Checkpoints: missing, not a checkpoint, without weights, a Lightning checkpoint of another
 architecture or class count, and Cohen et al.'s layout (another architecture; or the right
-one, which only `certify` reads). Fit-time option errors are in test_training.py.
+one, which only `certify` and `predict` read). Fit-time option errors are in
+test_training.py; pickled checkpoints in test_checkpoint_trust.py.
 """
 
 import copy
@@ -16,8 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from certify.commands.cli import main as console_main
-from lightning_modules.cli import main
+from certify.commands.cli import main
 from lightning_modules.models import build_backbone, build_network
 from tests.messages import assert_names
 
@@ -76,10 +76,23 @@ def assert_only_line(err: str, command: str, *needles: str) -> None:
         assert needle in lines[0], lines[0]
 
 
+def fails_in_one_line(capsys, argv: list[str], *needles: str, names: tuple = ()) -> str:
+    """``main(argv)`` exits with 2 after one line holding ``needles`` (and ``names`` as
+    words of their own), prints nothing on stdout and writes nothing."""
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert_only_line(err, argv[0], *needles)
+    assert_names(err, *names)
+    assert out == ""
+    assert not Path("out").exists() and not Path("runs").exists()
+    return err
+
+
 BAD_CHECKPOINTS = {
     "resnet20": ("does not fit the model: 1.conv1.weight has shape (16, 3, 3, 3)",),
     "five_classes": ("1.fc.weight has shape (5, 64)", "(another number of classes)"),
     "cohen_resnet110": ("holds a cifar_resnet110, the config builds a digits_cnn",),
+    "cohen_digits": ("is one of Cohen et al.'s models", "only `topk-smoothing certify`"),
     "not_a_checkpoint": ("cannot be read",),
     "no_weights": ("holds no state_dict",),
     "missing": ("does not exist",),
@@ -88,92 +101,84 @@ BAD_CHECKPOINTS = {
     "directory": ("is a directory, not a checkpoint file",),
     "keyword_prefix": ("does not exist",),
 }
+#: Every case on `validate`; on the other commands, one refused at reading and one that does
+#: not fit the model (the checks are the same code for every command).
+CHECKPOINT_CASES = [("validate", case) for case in sorted(BAD_CHECKPOINTS)] + [
+    (command, case)
+    for command in ("fit", "test", "certify")
+    for case in ("not_a_checkpoint", "five_classes" if command == "certify" else "cohen_digits")
+]
 
 
-@pytest.mark.parametrize(
-    ("command", "case"),
-    [
-        (command, case)
-        for case in sorted(BAD_CHECKPOINTS)
-        for command in ("fit", "validate", "test", "certify")
-        if (command, case) != ("fit", "missing")  # in test_training.py
-    ],
-)
+@pytest.mark.parametrize(("command", "case"), CHECKPOINT_CASES)
 def test_bad_checkpoint(isolated_run, capsys, checkpoints, command, case):
     extra = CERTIFY if command == "certify" else []
-    args = [command, "--config", DIGITS, "--ckpt_path", str(checkpoints[case]), *QUIET, *extra]
-    assert main(args) == 2
-    assert_only_line(
-        capsys.readouterr().err, command, repr(str(checkpoints[case])), *BAD_CHECKPOINTS[case]
-    )
-    assert not Path("out").exists() and not Path("runs").exists()
+    path = str(checkpoints[case])
+    argv = [command, "--config", DIGITS, "--ckpt_path", path, *QUIET, *extra]
+    fails_in_one_line(capsys, argv, repr(path), *BAD_CHECKPOINTS[case])
 
 
-@pytest.mark.parametrize("command", ["fit", "validate", "test"])
-def test_cohen_checkpoint_is_for_certify_only(isolated_run, capsys, checkpoints, command):
-    path = str(checkpoints["cohen_digits"])
-    assert main([command, "--config", DIGITS, "--ckpt_path", path, *QUIET]) == 2
-    assert_only_line(
-        capsys.readouterr().err,
-        command,
-        repr(path),
-        "Cohen et al.",
-        "only `topk-smoothing certify`",
-    )
+#: certify's options: (arguments, the message) where the command words it, or (arguments,
+#: None) where the option's type refuses it (the parser's wording: option and value named).
+CERTIFY_MISTAKES = [
+    (["--n", "0"], None),
+    (["--n", "1.5"], None),
+    (["--alpha", "0"], None),
+    (["--alpha", "1"], None),
+    (["--alpha", "1e-200"], "alpha must be at least 1e-100"),
+    (["--k", "[0]"], None),
+    (["--k", "[1,10]"], "k must satisfy 1 <= k < c = 10, got k = 10"),
+    (["--k", "[1,1]"], "the k values must be distinct, got [1, 1]"),
+    (["--k=[]"], "at least one k is needed"),
+    (["--bounds", "exact"], None),
+    (["--split", "train"], None),
+    (["--skip", "0"], None),
+    (["--max_examples", "0"], None),
+    (["--batch_size", "0"], None),
+    (["--sigma", "-0.25"], None),
+    (["--sigma", "nan"], None),
+    (["--autocast", "fp8"], None),
+    (["--seed", "x"], None),
+    (["--seed", str(2**64)], f"seed must lie in 0 .. 2**64 - 1, got {2**64}"),
+    (["--compile", "maybe"], None),
+    (["--output_dir", ""], "output_dir must name a directory, got ''"),
+]
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--n", "0"], "n must be an integer >= 1, got 0"),
-        (["--alpha", "0"], "alpha must lie strictly between 0 and 1, got 0.0"),
-        (["--alpha", "1"], "alpha must lie strictly between 0 and 1, got 1.0"),
-        (["--k", "0"], "k must be >= 1, got k = 0"),
-        (["--k", "1", "10"], "k must satisfy 1 <= k < c = 10, got k = 10"),
-        (["--bounds", "exact"], "bounds must be 'simuem' or 'binocp', got 'exact'"),
-        (["--split", "train"], "split must be 'test' or 'val', got 'train'"),
-        (["--skip", "0"], "skip must be an integer >= 1, got 0"),
-        (["--max_examples", "0"], "max_examples must be an integer >= 1, got 0"),
-        (["--batch_size", "0"], "batch_size must be an integer >= 1, got 0"),
-        (["--sigma", "-0.25"], "sigma must be a finite number > 0, got -0.25"),
-        (["--autocast", "fp8"], "autocast must be 'bf16' or 'fp16', got 'fp8'"),
-        (["--seed", str(2**64)], f"seed must lie in 0 .. 2**64 - 1, got {2**64}"),
-        (["--k", "1", "1"], "the k values must be distinct, got [1, 1]"),
-        (["--k=[]"], "at least one k is needed"),
-        (["--output_dir", ""], "output_dir must name a directory, got ''"),
-    ],
+    ("args", "message"), CERTIFY_MISTAKES, ids=[" ".join(args) for args, _ in CERTIFY_MISTAKES]
 )
 def test_impossible_certify_settings(isolated_run, capsys, checkpoints, args, message):
     ckpt = str(checkpoints["cohen_digits"])  # certify reads Cohen et al.'s layout
     argv = ["certify", "--config", DIGITS, "--ckpt_path", ckpt, *QUIET, *CERTIFY, *args]
-    assert main(argv) == 2
-    assert_only_line(capsys.readouterr().err, "certify", message)
-    assert not Path("out").exists()
+    option, value = args[0].removeprefix("--").split("=")[0], args[-1].split("=")[-1]
+    fails_in_one_line(
+        capsys, argv, *[message] if message else [], names=() if message else (option, value)
+    )
 
 
 @pytest.mark.parametrize(
-    ("option", "value"), [("n", "1.5"), ("sigma", "nan"), ("seed", "x"), ("compile", "maybe")]
+    ("argv", "message"),
+    [
+        (["certify", "--config", DIGITS], "no --ckpt_path and no --model.weights"),
+        (["validate", "--config", DIGITS, "--model.arch", "resnet5"], "unknown model 'resnet5'"),
+        (["certify", "--config", DIGITS, "--model.arch", "resnet5"], "unknown model 'resnet5'"),
+        (["test", "--config", CIFAR10, "--data.data_dir", "no/such/dir"], "no/such/dir"),
+        (["certify", "--config", CIFAR10, "--data.data_dir", "no/such/dir"], "no/such/dir"),
+        (["fit", "--config", DIGITS, "--seed_everything", "-1"], "0 .. 2**32 - 1, got -1"),
+        (["fit", "--config", DIGITS, "--seed_everything", str(2**40)], f"got {2**40}"),
+        (["fit", "--config", DIGITS, "--model.optimizer.lr", "-1"], "Invalid learning rate: -1"),
+        (["fit", "--config", DIGITS, "--trainer.max_epochs", "many"], None),
+        (["predict", "--config", DIGITS, "--k", "0"], None),
+    ],
 )
-def test_certify_values_of_the_wrong_type(isolated_run, capsys, checkpoints, option, value):
-    """A value the option's type cannot take (found by the command-line parser, whose wording
-    is its own): exit status 2, one line naming the option and the value, nothing written."""
-    ckpt = str(checkpoints["cohen_digits"])
-    argv = ["certify", "--config", DIGITS, "--ckpt_path", ckpt, *QUIET, *CERTIFY]
-    assert main([*argv, f"--{option}", value]) == 2
-    captured = capsys.readouterr()
-    assert_only_line(captured.err, "certify")
-    assert_names(captured.err, option, value)
-    assert captured.out == ""
-    assert not Path("out").exists() and not Path("runs").exists()
-
-
-def test_certify_refuses_random_weights(isolated_run, capsys):
-    """Without --ckpt_path or --model.weights the network is as initialised: refused, not
-    certified (a certificate of random weights is nothing anyone wants)."""
-    assert main(["certify", "--config", DIGITS, *QUIET, *CERTIFY]) == 2
-    message = "no --ckpt_path and no --model.weights: the network has its random initial weights"
-    assert_only_line(capsys.readouterr().err, "certify", message)
-    assert not Path("out").exists()
+def test_start_up_mistakes(isolated_run, capsys, argv, message):
+    """Refused before anything runs: random weights for certify, an unknown model, a missing
+    data directory, a seed out of range, an optimizer setting only the optimizer refuses, and
+    values the options' types refuse (the parser's wording: option and value named)."""
+    extra = CERTIFY if argv[0] == "certify" else []
+    names = () if message else (argv[-2].removeprefix("--").split(".")[-1], argv[-1])
+    fails_in_one_line(capsys, [*argv, *QUIET, *extra], *filter(None, [message]), names=names)
 
 
 def test_compile_without_a_compiler_fails_before_writing(
@@ -185,20 +190,65 @@ def test_compile_without_a_compiler_fails_before_writing(
     monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/nonexistent/g++"))
     ckpt = str(checkpoints["cohen_digits"])
     argv = ["certify", "--config", DIGITS, "--ckpt_path", ckpt, *QUIET, *CERTIFY]
-    assert main([*argv, "--compile", "true"]) == 2
     message = "compile is on but torch.compile fails on cpu: InvalidCxxCompiler"
-    assert_only_line(capsys.readouterr().err, "certify", message, "/nonexistent/g++")
-    assert not Path("out").exists()
+    fails_in_one_line(capsys, [*argv, "--compile", "true"], message, "/nonexistent/g++")
 
 
-@pytest.mark.parametrize("command", ["validate", "test", "certify"])
-def test_unknown_model_and_missing_data_directory(isolated_run, capsys, command):
-    unknown = [command, "--config", DIGITS, "--model.arch", "resnet5", *QUIET]
-    assert main(unknown) == 2
-    assert_only_line(capsys.readouterr().err, command, "unknown model 'resnet5'; choose one of")
-    no_data = [command, "--config", CIFAR10, "--data.data_dir", "no/such/dir", *QUIET]
-    assert main(no_data) == 2
-    assert_only_line(capsys.readouterr().err, command, "data_dir 'no/such/dir' is not a directory")
+def test_a_batch_size_beyond_memory_is_one_line(isolated_run, capsys, checkpoints):
+    ckpt = str(checkpoints["cohen_digits"])
+    argv = ["certify", "--config", DIGITS, "--ckpt_path", ckpt, *QUIET, *CERTIFY]
+    message = (
+        f"batch_size {10**10} does not fit in memory (tried to allocate 2560000000000 bytes); "
+        "choose a smaller --batch_size, or leave it out to have one tuned"
+    )  # 2.56 TB
+    assert main([*argv, "--batch_size", str(10**10), "--n", str(10**10)]) == 2
+    assert_only_line(capsys.readouterr().err, "certify", message)
+
+
+@pytest.mark.parametrize(
+    ("command", "init_args", "message"),
+    [
+        ("fit", "{top_k: [1, 10], n: 10}", "top_k: k must satisfy 1 <= k < c = 10, got k = 10"),
+        ("validate", "{top_k: [1, 1], n: 10}", "the k values must be distinct"),
+        ("fit", "{batch_size: 0, n: 10}", "batch_size must be an integer >= 1, got 0"),
+        ("validate", "{seed: -1, n: 10}", "seed must lie in 0 .. 2**64 - 1, got -1"),
+    ],
+)
+def test_certification_callback_mistakes_stop_the_start(
+    isolated_run, capsys, command, init_args, message
+):
+    Path("callback.yaml").write_text(
+        "trainer:\n  callbacks:\n    - class_path: certify.CertificationCallback\n"
+        f"      init_args: {init_args}\n"
+    )
+    fails_in_one_line(
+        capsys, [command, "--config", DIGITS, "--config", "callback.yaml", *QUIET], message
+    )
+
+
+@pytest.mark.parametrize("command", ["fit", "certify"])
+def test_an_image_tree_without_images_is_named_in_one_line(isolated_run, capsys, command):
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            Path("empty_tree", split, cls).mkdir(parents=True)
+    args = [
+        command, "--model.arch", "resnet18", "--model.top_k", "[1]",
+        "--data", "datamodules.ImageNetDataModule", "--data.data_dir", "empty_tree",
+        "--data.num_workers", "0", "--trainer.accelerator", "cpu", *QUIET,
+    ]  # fmt: skip
+    if command == "certify":  # weights from a file: certify refuses random ones
+        torch.save(build_backbone("resnet18", 2).state_dict(), "resnet18.pt")
+        args += ["--model.weights", "resnet18.pt", "--k", "[1]", *CERTIFY]
+    fails_in_one_line(capsys, args, "'empty_tree/", "Found no valid file for the classes a, b")
+
+
+def test_output_directory_refusals_are_the_only_line(isolated_run, capsys, checkpoints):
+    Path("out").mkdir()
+    Path("out", "parts").write_text("a file where the parts folder goes\n")
+    ckpt = str(checkpoints["cohen_digits"])
+    assert main(["certify", "--config", DIGITS, "--ckpt_path", ckpt, *QUIET, *CERTIFY]) == 2
+    message = "cannot create output directory out/parts: File exists"
+    assert_only_line(capsys.readouterr().err, "certify", message)
 
 
 def test_report_rejections(tmp_path, capsys):
@@ -226,11 +276,11 @@ def test_report_rejections(tmp_path, capsys):
         ),
     ]
     for args, message in cases:
-        assert console_main(["report", *args]) == 2, args
+        assert main(["report", *args]) == 2, args
         captured = capsys.readouterr()
         assert_only_line(captured.err, "report", message)
         assert captured.out == ""
-    assert console_main(["report", good, "--n", "many"]) == 2  # the parser's own wording
+    assert main(["report", good, "--n", "many"]) == 2  # the parser's own wording
     captured = capsys.readouterr()
     assert_only_line(captured.err, "report")
     assert_names(captured.err, "--n", "many")
@@ -238,41 +288,28 @@ def test_report_rejections(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".tsv")) == ["a_file"]
 
 
-@pytest.mark.slow
-def test_console_commands_fail_in_one_line(checkpoints, tmp_path):
-    """The real console path (`python -m certify`), in parallel: nothing but the error line."""
+def test_the_console_command_fails_in_one_line(checkpoints, tmp_path):
+    """The real console path (`python -m certify`): nothing but the error line, no traceback,
+    no trainer banner, nothing written."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    cases = [
-        (["certify", "--ckpt_path", str(checkpoints["resnet20"]), *CERTIFY], "does not fit"),
-        (["validate", "--ckpt_path", str(checkpoints["cohen_digits"])], "only `topk-smoothing"),
-        (["test", "--ckpt_path", str(checkpoints["five_classes"])], "another number of classes"),
-    ]
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "certify", args[0], "--config", DIGITS, *args[1:], *QUIET],
-            cwd=tmp_path,
-            env=env,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )  # fmt: skip
-        for args, _ in cases
-    ]
-    for process, (args, message) in zip(processes, cases, strict=True):
-        out, err = process.communicate(timeout=300)
-        assert process.returncode == 2, err[-3000:]
-        assert "Traceback" not in err and out == "", err[-3000:]
-        assert_only_line(err, args[0], message)
-    assert list(tmp_path.iterdir()) == []  # no runs/, no output directory
+    ckpt = str(checkpoints["resnet20"])
+    argv = ["certify", "--config", DIGITS, "--ckpt_path", ckpt, *QUIET, *CERTIFY]
+    done = subprocess.run(
+        [sys.executable, "-m", "certify", *argv],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stdout == "", done.stderr[-3000:]
+    assert_only_line(done.stderr, "certify", "does not fit the model")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_checkpoint_hyperparameters_that_replace_the_config_are_named(
     isolated_run, capsys, digits_checkpoint
 ):
-    """LightningCLI reads a checkpoint's hyperparameters back over the config: a --model.sigma
+    """A checkpoint's hyperparameters replace the config's model arguments: a --model.sigma
     that the checkpoint overrides is named in a note, not dropped without a word."""
     args = ["validate", "--config", DIGITS, "--ckpt_path", str(digits_checkpoint), *QUIET]
-    args += ["--trainer.limit_val_batches", "1"]
+    args += ["--trainer.limit_val_batches", "0"]
     assert main([*args, "--model.sigma", "0.5"]) == 0
     err = capsys.readouterr().err
     assert (
@@ -286,80 +323,10 @@ def test_checkpoint_hyperparameters_that_replace_the_config_are_named(
     assert "model.loss 'consistency' -> 'gaussian'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    ("init_args", "message"),
-    [
-        ("{top_k: [1, 10], n: 10}", "top_k: k must satisfy 1 <= k < c = 10, got k = 10"),
-        ("{top_k: [1, 1], n: 10}", "the k values must be distinct"),
-        ("{batch_size: 0, n: 10}", "batch_size must be an integer >= 1, got 0"),
-        ("{seed: -1, n: 10}", "seed must lie in 0 .. 2**64 - 1, got -1"),
-    ],
-)
-@pytest.mark.parametrize("command", ["fit", "validate"])
-def test_certification_callback_mistakes_stop_the_start(
-    isolated_run, capsys, command, init_args, message
-):
-    config = Path("callback.yaml")
-    config.write_text(
-        "trainer:\n  callbacks:\n    - class_path: certify.CertificationCallback\n"
-        f"      init_args: {init_args}\n"
+def test_a_progress_bar_callback_without_a_bar_is_one_line(isolated_run, capsys):
+    """Lightning refuses a progress-bar callback with ``enable_progress_bar: false``."""
+    Path("bar.yaml").write_text(
+        "trainer:\n  callbacks:\n    - class_path: pytorch_lightning.callbacks.TQDMProgressBar\n"
     )
-    assert main([command, "--config", DIGITS, "--config", str(config), *QUIET]) == 2
-    assert_only_line(capsys.readouterr().err, command, message)
-    assert not Path("runs").exists()
-
-
-@pytest.mark.parametrize("command", ["fit", "certify"])
-def test_an_image_tree_without_images_is_named_in_one_line(isolated_run, capsys, command):
-    for split in ("train", "val"):
-        for cls in ("a", "b"):
-            Path("empty_tree", split, cls).mkdir(parents=True)
-    args = [
-        command, "--model.arch", "resnet18", "--model.top_k", "[1]",
-        "--data", "datamodules.ImageNetDataModule", "--data.data_dir", "empty_tree",
-        "--data.num_workers", "0", "--trainer.accelerator", "cpu", *QUIET,
-    ]  # fmt: skip
-    if command == "certify":  # weights from a file: certify refuses random ones
-        torch.save(build_backbone("resnet18", 2).state_dict(), "resnet18.pt")
-        args += ["--model.weights", "resnet18.pt", "--k", "1", "--n", "10", "--output_dir", "out"]
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    last = err.strip().splitlines()[-1]
-    folder = "ImageNet train folder 'empty_tree/train'" if command == "fit" else "ImageNet val"
-    assert last.startswith(f"topk-smoothing {command}: error: {folder}")
-    assert "Found no valid file for the classes a, b" in last
-    assert "Traceback" not in err and not Path("out").exists()
-
-
-def test_a_batch_size_beyond_memory_is_one_line(isolated_run, capsys, checkpoints):
-    ckpt = str(checkpoints["cohen_digits"])
-    argv = ["certify", "--config", DIGITS, "--ckpt_path", ckpt, *QUIET, *CERTIFY]
-    assert main([*argv, "--batch_size", str(10**10), "--n", str(10**10)]) == 2  # 2.56 TB
-    message = (
-        f"batch_size {10**10} does not fit in memory (tried to allocate 2560000000000 bytes); "
-        "choose a smaller --batch_size, or leave it out to have one tuned"
-    )
-    assert_only_line(capsys.readouterr().err, "certify", message)
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--seed_everything", "-1"], "seed_everything must lie in 0 .. 2**32 - 1, got -1"),
-        (["--seed_everything", str(2**40)], f"got {2**40}"),
-        (["--model.optimizer.lr", "-1"], "model.lr_scheduler: Invalid learning rate: -1.0"),
-    ],
-)
-def test_fit_settings_that_fail_late_are_caught_at_start_up(isolated_run, capsys, args, message):
-    assert main(["fit", "--config", DIGITS, *QUIET, *args]) == 2
-    assert_only_line(capsys.readouterr().err, "fit", message)
-    assert not Path("runs").exists()
-
-
-def test_output_directory_refusals_are_the_only_line(isolated_run, capsys, checkpoints):
-    Path("out").mkdir()
-    Path("out", "parts").write_text("a file where the parts folder goes\n")
-    ckpt = str(checkpoints["cohen_digits"])
-    assert main(["certify", "--config", DIGITS, "--ckpt_path", ckpt, *QUIET, *CERTIFY]) == 2
-    message = "cannot create output directory out/parts: File exists"
-    assert_only_line(capsys.readouterr().err, "certify", message)
+    argv = ["validate", "--config", DIGITS, "--config", "bar.yaml", *QUIET]
+    fails_in_one_line(capsys, argv, "enable_progress_bar=False", "TQDMProgressBar")

@@ -1,13 +1,11 @@
 """`topk-smoothing radius`: the authors' count files in, exact radii out, clean errors."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 from certify.commands.cli import main
-from certify.commands.countfile import CountFileError, parse_counts
+from certify.commands.countfile import parse_counts
+from certify.math.validation import UsageError
 from tests.messages import assert_names
 
 ARGS = ["--sigma", "0.25", "--alpha", "0.001"]
@@ -101,16 +99,15 @@ def test_unknown_bounds_are_named_with_the_choices(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == [path]
 
 
-def test_missing_file_subprocess(tmp_path):
-    """The console entry point itself: exit status 2, one line, no traceback."""
-    result = subprocess.run(
-        [sys.executable, "-m", "certify", "radius", str(tmp_path / "nope.txt"), *ARGS, "--k", "1"],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().endswith("nope.txt: no such file")
-    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("nope.txt", "nope.txt: no such file"), (".", "is a directory, not a count file")],
+)
+def test_a_missing_file_or_a_directory_is_one_line(tmp_path, capsys, name, message):
+    assert main(["radius", str(tmp_path / name), *ARGS, "--k", "1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().endswith(message) and captured.err.count("\n") == 1
+    assert captured.out == ""
 
 
 def test_parser_accepts_windows_line_ends_and_blank_lines():
@@ -118,7 +115,16 @@ def test_parser_accepts_windows_line_ends_and_blank_lines():
     assert counts.tolist() == [[1, 2, 3], [4, 5, 6]] and labels.tolist() == [2, 0]
 
 
-@pytest.mark.parametrize("text", ["٣ 4 1\n", "1 2 99999999999999999999999 0\n", "1\n"])
-def test_parser_rejects_oddities(text):
-    with pytest.raises(CountFileError):
-        parse_counts(text)
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("٣ 4 1\n", "line 1: '٣' is not a non-negative integer"),
+        ("1 2 99999999999999999999999 0\n", "line 1: 99999999999999999999999 is too large"),
+        ("1 2 0\n\n9223372036854775807 1 0\n", "line 3: the counts sum beyond int64"),
+        ("1\n", "needs at least 2 counts and a label"),
+        ("🎲 1 0\n", "'🎲' is not a non-negative integer"),
+    ],
+)
+def test_parser_rejects_oddities(text, message):
+    with pytest.raises(UsageError, match=message):
+        parse_counts(text, "c.txt")

@@ -370,7 +370,7 @@ class Slabs(nn.Module):
 )
 def test_smoothed_classifier_predict_wrong_at_most_alpha(p, k):
     """End to end through ``SmoothedClassifier.predict`` with the ``Slabs`` classifier, whose
-    smoothed probabilities p at x are known in closed form; alpha = 0.2, n = 1000, 600
+    smoothed probabilities p at x are known in closed form; alpha = 0.2, n = 1000, 300
     independent noise streams. Proves: the empirical frequencies match the closed form (the
     classifier is the one we reason about) and the returned set is wrong at most alpha of the
     time. At the exact tie (c = 2) the wrong-answer rate of a sound rule is close to alpha (it
@@ -378,7 +378,7 @@ def test_smoothed_classifier_predict_wrong_at_most_alpha(p, k):
     "the most frequent label" (teeth) is wrong every time.
     """
     p = np.array(p)
-    alpha, n, trials, sigma = 0.2, 1_000, 600, 0.25
+    alpha, n, trials, sigma = 0.2, 1_000, 300, 0.25
     w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
     x = torch.full((trials, 3), 0.5)  # a mid-grey input, repeated with independent noise
     offset = float(x[0].double() @ (w / w.norm()))

@@ -2,7 +2,7 @@
 
 The parser and the command are fuzzed with hypothesis (random bytes and text, huge numbers,
 unicode digits and spaces, blank lines, Windows and old-Mac line ends). Whatever comes in, the
-parser either returns a well-formed table or raises ``CountFileError`` (a ``ValueError``) with a
+parser either returns a well-formed table or raises ``UsageError`` (a ``ValueError``) with a
 one-line message, and ``main`` never raises, returns 0 exactly when the file and every
 argument are valid and 2 otherwise, writes one line to stderr on failure and leaves no output
 (or temporary) file behind. The runs are derandomised, so the
@@ -30,7 +30,8 @@ from torch import nn
 
 from certify import SmoothedClassifier, certified_radius
 from certify.commands.cli import main
-from certify.commands.countfile import CountFileError, format_counts, parse_counts, read_counts
+from certify.commands.countfile import format_counts, parse_counts, read_counts
+from certify.math.validation import UsageError
 
 FUZZ = settings(
     max_examples=150,
@@ -93,10 +94,10 @@ def encode(text: str) -> bytes:
 
 
 def check_outcome(call):
-    """Run a parser call: a well-formed table, or a CountFileError with a one-line message."""
+    """Run a parser call: a well-formed table, or a UsageError with a one-line message."""
     try:
         counts, labels = call()
-    except CountFileError as err:
+    except UsageError as err:
         message = str(err)
         assert message and len(message.splitlines()) == 1, repr(message)
         return None
@@ -111,7 +112,7 @@ def check_outcome(call):
 @FUZZ
 @given(st.text())
 def test_parse_counts_any_text(text):
-    """Arbitrary unicode text: a table or a one-line CountFileError, nothing else."""
+    """Arbitrary unicode text: a table or a one-line UsageError, nothing else."""
     check_outcome(lambda: parse_counts(text))
 
 
@@ -119,7 +120,7 @@ def test_parse_counts_any_text(text):
 @given(count_files(valid=False))
 def test_parse_counts_mutated_files(case):
     """Count-file-like text with odd tokens (unicode digits, signs, floats, NUL, a BOM,
-    5000-digit numbers, values just above int64): a table or a one-line CountFileError."""
+    5000-digit numbers, values just above int64): a table or a one-line UsageError."""
     check_outcome(lambda: parse_counts(case[0]))
 
 
@@ -141,7 +142,7 @@ def test_parse_counts_valid_files_with_any_layout(case):
 @FUZZ
 @given(st.one_of(st.binary(max_size=300), count_files(valid=False).map(lambda c: encode(c[0]))))
 def test_read_counts_any_bytes(data):
-    """Arbitrary bytes on disk (invalid UTF-8 included): a table or a one-line CountFileError."""
+    """Arbitrary bytes on disk (invalid UTF-8 included): a table or a one-line UsageError."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "counts.txt"
         path.write_bytes(data)
@@ -150,8 +151,8 @@ def test_read_counts_any_bytes(data):
 
 def test_huge_tokens_are_count_file_errors():
     """Regression: a token of more than 4300 digits used to escape as a plain ValueError from
-    int() (Python's digit limit) instead of a CountFileError naming the line."""
-    with pytest.raises(CountFileError, match="line 2: 9999.* is too large"):
+    int() (Python's digit limit) instead of a UsageError naming the line."""
+    with pytest.raises(UsageError, match="line 2: 9999.* is too large"):
         parse_counts("1 2 0\n1 " + "9" * 5000 + " 0\n")
     counts, labels = parse_counts("1 " + "0" * 5000 + "7 1\n")  # leading zeros are harmless
     assert counts.tolist() == [[1, 7]] and labels.tolist() == [1]
@@ -189,7 +190,7 @@ def radius_should_succeed(counts_path, sigma, alpha, ks, bounds, output) -> bool
     file in an existing directory (or stdout)."""
     try:
         counts, _ = read_counts(counts_path)
-    except (CountFileError, OSError):
+    except (UsageError, OSError):
         return False
     s, a, k = number(sigma), number(alpha), [integer(t) for t in ks]
     return (

@@ -1,5 +1,5 @@
 """CertifiedTopKAccuracy: NumPy reference, exact DDP reduction (2 CPU processes, gloo), and
-exact sums over float64's whole range (hypothesis: 0, subnormals, 1e300, inf)."""
+exact means over float64's whole range (hypothesis: 0, subnormals, 1e300, inf)."""
 
 import math
 import os
@@ -13,9 +13,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torchmetrics.utilities.data import dim_zero_sum
+from torchmetrics.utilities.data import dim_zero_cat, dim_zero_sum
 
 from certify import CertifiedTopKAccuracy
+from certify.math.validation import UsageError
+from certify.training.metric import markdown_table
 
 TOP_K, RADII = (1, 3, 5), (0.0, 0.25, 0.5, 1.0)
 
@@ -59,21 +61,37 @@ def test_abstention_fails_at_radius_zero():
     assert metric.compute()["certified_top1@0"].item() == pytest.approx(2 / 3)
 
 
-def test_only_sum_states_and_reset():
+def test_sum_states_a_gathered_radius_list_and_reset():
     metric = CertifiedTopKAccuracy(TOP_K, RADII)
-    assert all(fn is dim_zero_sum for fn in metric._reductions.values())
+    reductions = metric._reductions
+    assert reductions.pop("radius_list") is dim_zero_cat
+    assert all(fn is dim_zero_sum for fn in reductions.values())
     assert metric.full_state_update is False
     metric.update(random_radii(1))
     metric.reset()
-    assert metric.total == 0 and torch.isnan(metric.compute_table()[0]).all()
+    assert metric.total == 0 and metric.radius_list == []
+    accuracy, acr = metric.compute_table()
+    assert torch.isnan(accuracy).all() and torch.isnan(acr).all()
+
+
+def test_markdown_table():
+    text = markdown_table((1, 3), (0.0, 0.5), [[0.9, 0.5], [1.0, 0.75]], [0.42, 1.5], "n = 9")
+    assert text.splitlines() == [
+        "Certified top-k accuracy (n = 9)",
+        "",
+        "| k | r = 0 | r = 0.5 | ACR |",
+        "|---|---|---|---|",
+        "| top-1 | 90.0% | 50.0% | 0.420 |",
+        "| top-3 | 100.0% | 75.0% | 1.500 |",
+    ]
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="top_k"):
+    with pytest.raises(UsageError, match="top_k"):
         CertifiedTopKAccuracy((0,), RADII)
-    with pytest.raises(ValueError, match="radii"):
+    with pytest.raises(UsageError, match="radii"):
         CertifiedTopKAccuracy(TOP_K, (-0.5,))
-    with pytest.raises(ValueError, match=r"shape \(B, 3\)"):
+    with pytest.raises(UsageError, match=r"shape \(B, 3\)"):
         CertifiedTopKAccuracy(TOP_K, RADII).update(torch.zeros(4, 2))
 
 
@@ -95,20 +113,27 @@ def extreme_radii(rows: int = 64) -> torch.Tensor:
     return torch.tensor(rng.choice(values, size=(rows, len(TOP_K))), dtype=torch.float64)
 
 
-RADII_SETS = {"random": lambda: random_radii(3), "extreme": extreme_radii}
+RADII_SETS = {
+    "random": lambda: random_radii(3),
+    "extreme": extreme_radii,
+    "rank 1 without examples": lambda: random_radii(4)[:40],
+}
 
 
-def _ddp_worker(rank: int, world: int, port: int, queue, which: str = "random") -> None:
+def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    radii = RADII_SETS[which]()
-    metric = CertifiedTopKAccuracy(TOP_K, RADII)
-    for part in radii[rank::world].tensor_split(3):  # each rank its own, unevenly batched share
-        metric.update(part)
-    result = metric.compute()
+    results = {}
+    for which, make in RADII_SETS.items():
+        metric = CertifiedTopKAccuracy(TOP_K, RADII)
+        radii = make()
+        share = radii[: len(radii) * (1 - rank)] if "without" in which else radii[rank::world]
+        for part in share.tensor_split(3) if len(share) else []:  # uneven batches, or none
+            metric.update(part)
+        results[which] = {key: value.item() for key, value in metric.compute().items()}
     if rank == 0:
-        queue.put({key: value.item() for key, value in result.items()})
+        queue.put(results)
     dist.destroy_process_group()
 
 
@@ -119,23 +144,31 @@ def free_port() -> int:
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("which", sorted(RADII_SETS))
-def test_two_process_ddp_is_exactly_the_single_process_result(which):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    mp.spawn(_ddp_worker, args=(2, free_port(), queue, which), nprocs=2, join=True)
-    distributed = queue.get(timeout=60)
-    single = CertifiedTopKAccuracy(TOP_K, RADII)
-    single.update(RADII_SETS[which]())
-    expected = {key: value.item() for key, value in single.compute().items()}
-    assert distributed.keys() == expected.keys()
-    for key, value in expected.items():  # bit-identical, ACR included (NaN == NaN here)
-        assert math.isnan(value) if math.isnan(distributed[key]) else distributed[key] == value
-    if which == "extreme":  # rows hold inf for every k
-        assert all(math.isinf(expected[f"acr_top{k}"]) for k in TOP_K)
+def test_two_process_ddp_is_exactly_the_single_process_result():
+    """Ordinary radii, float64's extremes, and a process that saw no example: 2 processes
+    give the single process's numbers bit for bit."""
+    queue = mp.get_context("fork").Queue()  # fork: the workers skip importing torch again
+    workers = mp.start_processes(
+        _ddp_worker, (2, free_port(), queue), nprocs=2, join=False, start_method="fork"
+    )
+    results = queue.get(timeout=120)
+    while not workers.join(timeout=120):  # True once both exited (raises if one failed)
+        pass
+    for which, make in RADII_SETS.items():
+        single = CertifiedTopKAccuracy(TOP_K, RADII)
+        single.update(make())
+        expected = {key: value.item() for key, value in single.compute().items()}
+        distributed = results[which]
+        assert distributed.keys() == expected.keys()
+        for key, value in expected.items():  # bit-identical, ACR included (NaN == NaN here)
+            same = math.isnan(value) if math.isnan(distributed[key]) else distributed[key] == value
+            assert same, (which, key)
+    extreme = CertifiedTopKAccuracy(TOP_K, RADII)
+    extreme.update(extreme_radii())  # rows hold inf for every k
+    assert all(math.isinf(v) for v in extreme.compute_table()[1].tolist())
 
 
-# ------------------------------------------------------------------ exact sums, any range
+# ------------------------------------------------------------------ exact means, any range
 SPECIAL = [0.0, -0.0, 5e-324, 1e-320, 2.2250738585072014e-308, 1e-300, 1e300]
 SPECIAL += [1.7976931348623157e308, math.inf, math.nan]
 RADIUS = st.one_of(
@@ -170,7 +203,7 @@ def exact_reference(radii: list[list[float]], thresholds: tuple[float, ...]):
 def test_exact_for_every_float64_radius_in_any_order_and_split(radii, data):
     """The ACR is the exact mean rounded once, accuracy the exact fractions, inf counted at
     every radius and making the ACR infinite; the same bits in any order of the radii, any
-    split into batches and any split into metrics merged as DDP merges them (state sums)."""
+    split into batches and any split into metrics merged as DDP merges them."""
     thresholds = (0.0, 1e-300, 0.5, 1e300)
     accuracy, acr = exact_reference(radii, thresholds)
     order = data.draw(st.permutations(range(len(radii))))
@@ -202,7 +235,7 @@ def test_two_infinite_radii_do_not_overflow():
 
 
 def test_negative_radii_are_refused():
-    with pytest.raises(ValueError, match=r"radii must be >= 0 \(NaN for an abstention\), got -0.5"):
+    with pytest.raises(UsageError, match=r"radii must be >= 0 \(NaN for an abstention\), got -0.5"):
         CertifiedTopKAccuracy((1,), (0.0,)).update(torch.tensor([[0.5], [-0.5]]))
 
 

@@ -5,10 +5,14 @@ import urllib.error
 import pytest
 import torch
 import torchvision
+from jsonargparse import ArgumentError
 from torch import nn
 
+from certify.math.validation import UsageError
 from lightning_modules import MODELS, NoisyClassifier, NormalizeLayer, build_backbone, build_network
 from lightning_modules.cifar_resnet import CifarResNet
+from tests.conftest import parse_init
+from tests.messages import assert_names
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
@@ -61,7 +65,8 @@ def test_cifar_resnet_matches_cohen_layout(depth, params):
     }  # fmt: skip
     assert expected <= keys
     assert not any(k.startswith("layer1.0.downsample") for k in keys)  # 16 -> 16, stride 1
-    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    if depth == 20:  # the same code for every depth: one forward pass
+        assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
     with pytest.raises(ValueError, match="6n \\+ 2"):
         CifarResNet(21)
 
@@ -194,16 +199,24 @@ def test_module_attributes_hparams_and_default_recipe():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"sigma": 0.0}, "sigma must be a finite number > 0, got 0.0"),
-        ({"sigma": -0.25}, "sigma must be a finite number > 0"),
         ({"top_k": (10, 12)}, "model.top_k: no k below the number of classes c = 10"),
         ({"top_k": (0, 1)}, "model.top_k: k must be >= 1, got k = 0"),
         ({"arch": "vgg"}, "unknown model 'vgg'"),
+        ({"sigma": 0}, r"^sigma must be a finite number > 0, got 0$"),
+        ({"sigma": float("nan")}, r"^sigma must be a finite number > 0, got nan$"),
     ],
 )
 def test_bad_module_settings(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UsageError, match=message):
         make_module(**kwargs)
+
+
+@pytest.mark.parametrize("sigma", ["0", "-0.25"])
+def test_sigma_must_be_positive(sigma):
+    args = ["--arch", "digits_cnn", "--num_classes", "10", "--mean", "[0.3]", "--std", "[0.4]"]
+    with pytest.raises(ArgumentError) as error:
+        parse_init(NoisyClassifier, *args, "--sigma", sigma)
+    assert_names(" ".join(str(error.value).split()), "init.sigma", sigma)
 
 
 def test_top_k_beyond_the_classes_is_dropped():

@@ -25,6 +25,7 @@ from certify import SmoothedClassifier, radius_from_bounds
 from certify.math import prediction
 from certify.math.prediction import bound_level, certified_prediction, select_top_k
 from certify.math.radius import certified_radius
+from certify.math.validation import UsageError
 from tests.test_coverage import Slabs, assert_rate_at_most, exceeds, report, strictly_correct
 
 
@@ -163,7 +164,7 @@ def test_abstains_when_a_chosen_label_is_not_certified():
 )
 def test_bad_arguments(selection, counts, message):
     k = 3 if "k = 3" in message else 1
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
         certified_prediction(selection, counts, k, 0.5, 0.01)
 
 

@@ -6,6 +6,7 @@ from scipy.optimize import brentq
 from scipy.stats import beta, norm
 
 from certify import certified_radius, radius_from_bounds
+from certify.math.validation import UsageError
 
 SIGMA, ALPHA = 0.25, 0.001
 
@@ -60,9 +61,9 @@ def test_k1_is_the_closed_form():
 def test_matches_a_brute_force_solver_for_every_k():
     rng = np.random.default_rng(2)
     c = 8
-    counts = rng.multinomial(5_000, rng.dirichlet(np.ones(c) * 0.5), size=150)
-    labels = rng.integers(0, c, size=150)
-    labels[:100] = np.argsort(-counts[:100], axis=1)[np.arange(100), rng.integers(0, 4, 100)]
+    counts = rng.multinomial(5_000, rng.dirichlet(np.ones(c) * 0.5), size=60)
+    labels = rng.integers(0, c, size=60)
+    labels[:40] = np.argsort(-counts[:40], axis=1)[np.arange(40), rng.integers(0, 4, 40)]
     ks = (1, 2, 3, 5, 7)
     radii = certified_radius(counts, labels, ks, SIGMA, ALPHA).numpy()
     certified = 0
@@ -71,7 +72,7 @@ def test_matches_a_brute_force_solver_for_every_k():
         expected = [theorem1_scalar(pl, ups, k, SIGMA) for k in ks]
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
         certified += np.isfinite(expected).sum()
-    assert certified > 200  # the comparison covered many certified (label, k) pairs
+    assert certified > 150  # the comparison covered many certified (label, k) pairs
 
 
 def test_reference_radii_of_the_authors(reference_counts, reference_radii_top3):
@@ -180,5 +181,5 @@ class TestEdgeCases:
 def test_bad_arguments(kwargs, match):
     args = {"counts": [[3, 1]], "labels": [0], "top_k": 1, "sigma": 0.5, "alpha": 0.1}
     args.update(kwargs)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UsageError, match=match):
         certified_radius(**args)

@@ -7,8 +7,10 @@ from scipy.stats import norm
 from torch import nn
 
 from certify import SmoothedClassifier, certified_radius, top_k_set
+from certify.math.validation import UsageError
 from certify.sampling.noise import (
     NOISE_CHUNK,
+    PURPOSES,
     chunk_seed,
     chunk_seeds,
     mix64,
@@ -43,10 +45,10 @@ class HalfSpace(nn.Module):
         return torch.stack([-margin, margin], dim=1)
 
 
-def small_cnn(num_classes=5):
+def small_cnn(num_classes=5, channels=1):
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
+        nn.Conv2d(channels, 8, 3, padding=1),
         nn.BatchNorm2d(8),
         nn.ReLU(),
         nn.Flatten(),
@@ -74,20 +76,27 @@ def test_half_space_matches_its_closed_form():
     assert np.all(np.abs(counts[:, 1] / n - p1) < 5 * stderr + 1e-12)
 
 
-def test_counts_do_not_depend_on_batch_size_or_batch_mates():
-    model = small_cnn()
+@pytest.mark.parametrize("channels", [1, 3])
+def test_counts_depend_only_on_seed_id_purpose_and_sample_index(channels):
+    """The noise-stream property: any batch size, any other inputs in the call, and rounds
+    ``[0, a) + [a, b)`` give the counts of one call ``[0, b)``; the seed matters."""
+    model = small_cnn(channels=channels)
     smoothed = SmoothedClassifier(model, num_classes=5, sigma=0.5)
-    x = torch.rand(7, 1, 8, 8)
-    ids = [10, 11, 12, 13, 14, 15, 16]
-    reference = smoothed.sample_counts(x, n=300, batch_size=1000, seed=42, example_ids=ids)
-    for batch_size in (5, 37, 128, 300, 2100):
-        again = smoothed.sample_counts(x, n=300, batch_size=batch_size, seed=42, example_ids=ids)
+    x, ids, n = torch.rand(7, channels, 8, 8), [10, 11, 12, 13, 14, 15, 16], 300
+    reference = smoothed.sample_counts(x, n, batch_size=1000, seed=42, example_ids=ids)
+    assert reference.sum(dim=1).tolist() == [n] * 7
+    for batch_size in (50, 128, 300, 2100, None):  # below, at and above one chunk
+        again = smoothed.sample_counts(x, n, batch_size=batch_size, seed=42, example_ids=ids)
         torch.testing.assert_close(again, reference, rtol=0, atol=0)
-    # Each input alone, or in other company, gets the same counts.
-    subset = [5, 2]
-    alone = smoothed.sample_counts(x[subset], n=300, seed=42, example_ids=[ids[i] for i in subset])
+    subset = [5, 2]  # each input alone, or in other company, gets the same counts
+    alone = smoothed.sample_counts(x[subset], n, seed=42, example_ids=[ids[i] for i in subset])
     torch.testing.assert_close(alone, reference[subset], rtol=0, atol=0)
-    other = smoothed.sample_counts(x[[2]], n=300, seed=43, example_ids=[ids[2]])
+    rounds = [  # [0, 128) + [128, 256) + [256, 300)
+        smoothed.sample_counts(x, m, batch_size=50, seed=42, example_ids=ids, start=start)
+        for start, m in ((0, 128), (128, 128), (256, 44))
+    ]
+    torch.testing.assert_close(sum(rounds), reference, rtol=0, atol=0)
+    other = smoothed.sample_counts(x[[2]], n, seed=43, example_ids=[ids[2]])
     assert not torch.equal(other, reference[[2]])  # the seed matters
 
 
@@ -109,16 +118,25 @@ def loop_counts(model, x, ids, n, sigma, seed_of) -> torch.Tensor:
     return counts
 
 
-def test_counts_are_those_of_the_documented_noise_streams():
+@pytest.mark.parametrize("purpose", list(PURPOSES))
+@pytest.mark.parametrize("start", [0, 2 * NOISE_CHUNK])
+def test_counts_are_those_of_the_documented_noise_streams(purpose, start):
     """Chunk j of input ``id`` is torch's ``normal_`` from a generator seeded by
-    ``chunk_seed(seed, id, j)``: a loop that draws each chunk on its own gets the same counts."""
+    ``chunk_seed(seed, id, j, purpose)``: a loop that draws each chunk on its own gets the
+    same counts, and another purpose's streams give other counts."""
     model = small_cnn()
     smoothed = SmoothedClassifier(model, num_classes=5, sigma=0.5)
-    x, ids, n, seed = torch.rand(3, 1, 8, 8), [4, 9, 1], 300, 11
-    expected = loop_counts(model, x, ids, n, 0.5, lambda i, j: chunk_seed(seed, i, j))
+    x, ids, n, seed, first = torch.rand(3, 1, 8, 8), [4, 9, 1], 300, 11, start // NOISE_CHUNK
+    expected = loop_counts(
+        model, x, ids, n, 0.5, lambda i, j: chunk_seed(seed, i, first + j, purpose)
+    )
     for batch_size in (50, 1000):
-        counts = smoothed.sample_counts(x, n, batch_size=batch_size, seed=seed, example_ids=ids)
+        counts = smoothed.sample_counts(x, n, batch_size, seed, ids, purpose, start)
         torch.testing.assert_close(counts, expected, rtol=0, atol=0)
+    for other in set(PURPOSES) - {purpose}:  # unrelated noise for another purpose
+        assert not torch.equal(smoothed.sample_counts(x, n, 1000, seed, ids, other, start), counts)
+    seeds = {chunk_seed(seed, 4, 0, p) for p in PURPOSES}
+    assert len(seeds) == len(PURPOSES)
 
 
 def test_chunks_of_one_input_never_share_the_generators_32_bit_seed():
@@ -153,11 +171,17 @@ def test_unseeded_sampling_follows_torch_manual_seed():
     assert not torch.equal(first, smoothed.sample_counts(x, n=500))
 
 
-def test_model_mode_is_restored_and_batchnorm_untouched():
+@pytest.mark.parametrize("batch_size", [None, 16])
+def test_model_mode_batchnorm_and_global_rng_are_untouched(batch_size):
     model = small_cnn().train()
-    stats = model[1].running_mean.clone()
-    SmoothedClassifier(model, num_classes=5, sigma=0.5).sample_counts(torch.rand(2, 1, 8, 8), n=50)
-    assert model.training and torch.equal(model[1].running_mean, stats)
+    stats = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(2, 1, 8, 8).requires_grad_()
+    rng = torch.get_rng_state()
+    smoothed = SmoothedClassifier(model, num_classes=5, sigma=0.5)
+    smoothed.sample_counts(x, 50, batch_size, seed=3)
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, stats[key]), key
 
 
 def test_certify_equals_counts_then_radius():
@@ -224,6 +248,14 @@ def test_predict_wrong_set_rate_is_at_most_alpha(k):
         (lambda s: s.sample_counts(torch.rand(1, 1, 8, 8), n=0), "n must be"),
         (lambda s: s.sample_counts(torch.rand(1, 1, 8, 8), n=5, batch_size=0), "batch_size"),
         (lambda s: s.sample_counts(torch.rand(2, 1, 8, 8), n=5, example_ids=[1]), "example_ids"),
+        (lambda s: s.sample_counts(torch.rand(1, 1, 8, 8), 5, example_ids=[-1]), r"got \[-1\]"),
+        (lambda s: s.sample_counts(torch.rand(1, 1, 8, 8), 5, example_ids=[1.0]), "got \\[1.0"),
+        (lambda s: s.sample_counts(torch.rand(1, 1, 8, 8), 5, seed=-1), "got -1"),
+        (lambda s: s.sample_counts(torch.rand(1, 1, 8, 8), 5, purpose="train"), "'train'"),
+        (lambda s: s.sample_counts(torch.rand(1, 1, 8, 8), 5, start=100), "got 100"),
+        (lambda s: s.sample_counts(torch.rand(1, 1, 8, 8), 5, start=-128), "got -128"),
+        (lambda s: s.predict_certified(torch.rand(1, 1, 8, 8), 1, 0, 5, 0.1), "n0 must"),
+        (lambda s: s.certify(torch.rand(1, 1, 8, 8), [0], 1, 5, 0.1, bounds="x"), "'x'"),
         (lambda s: s.certify(torch.rand(2, 1, 8, 8), torch.tensor([0, 5]), 1, 10, 0.1), "labels"),
         (lambda s: s.certify(torch.rand(2, 1, 8, 8), torch.tensor([0]), 1, 10, 0.1), "shape"),
         (lambda s: s.certify(torch.rand(1, 1, 8, 8), torch.tensor([0]), 5, 10, 0.1), "k must"),
@@ -236,18 +268,20 @@ def test_predict_wrong_set_rate_is_at_most_alpha(k):
 )
 def test_bad_input_is_rejected(call, match):
     smoothed = SmoothedClassifier(small_cnn(), num_classes=5, sigma=0.5)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((UsageError, ValueError), match=match):
         call(smoothed)
 
 
 def test_bad_construction():
-    with pytest.raises(ValueError, match="sigma"):
+    with pytest.raises(UsageError, match="got -1"):
         SmoothedClassifier(small_cnn(), num_classes=5, sigma=-1)
-    with pytest.raises(ValueError, match="num_classes"):
+    with pytest.raises(UsageError, match="mode=fastest"):
+        SmoothedClassifier(small_cnn(), num_classes=5, sigma=1, compile="fastest")
+    with pytest.raises(UsageError, match="num_classes"):
         SmoothedClassifier(small_cnn(), num_classes=1, sigma=1)
 
 
 def test_wrong_model_output_is_named():
     smoothed = SmoothedClassifier(small_cnn(num_classes=3), num_classes=5, sigma=0.5)
-    with pytest.raises(ValueError, match=r"expected \(batch, 5\)"):
+    with pytest.raises(UsageError, match=r"expected \(batch, 5\)"):
         smoothed.sample_counts(torch.rand(1, 1, 8, 8), n=4)

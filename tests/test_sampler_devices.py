@@ -50,11 +50,6 @@ def cnn(device, channels=3):
     )
 
 
-@pytest.fixture(autouse=True)
-def quick_tuning(tuning):
-    tuning(MIN_TIME_S=0.0, TIME_BUDGET_S=0.5, RETIME_BUDGET_S=0.5)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_noise_has_the_stated_distribution(device):
     # P(x0 + sigma * z > t) = Phi((x0 - t) / sigma): the counts must match it.
@@ -83,13 +78,18 @@ def test_counts_do_not_depend_on_the_batch_size(device, channels_last):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_graphs_give_the_eager_counts_and_memory_does_not_grow_with_n():
+def test_compiled_cuda_graphs_match_eager_counts_and_memory_does_not_grow_with_n():
+    """``compile="reduce-overhead"`` (CUDA graphs): the eager counts up to the rare label that
+    fused kernels' rounding flips; batch-size invariant; memory one batch whatever n."""
     device = torch.device("cuda")
     model = cnn(device)
     x = torch.rand(4, 3, 8, 8, device=device)
     eager = SmoothedClassifier(model, 5, 0.25).sample_counts(x, 30_000, 4096, seed=3)
-    graphs = SmoothedClassifier(model, 5, 0.25, cuda_graphs=True)
-    torch.testing.assert_close(graphs.sample_counts(x, 30_000, 4096, seed=3), eager)
+    graphs = SmoothedClassifier(model, 5, 0.25, compile="reduce-overhead")
+    compiled = graphs.sample_counts(x, 30_000, 4096, seed=3)
+    assert (compiled - eager).abs().sum() <= 30, (compiled, eager)
+    again = graphs.sample_counts(x, 30_000, 8192, seed=3)
+    torch.testing.assert_close(again, compiled, rtol=0, atol=0)
     peaks = []
     for n in (10_000, 100_000):
         torch.cuda.synchronize()

@@ -10,6 +10,7 @@ from torch import nn
 
 from certify import SmoothedClassifier, certified_radius, certify_sequential
 from certify.math.sequential import DEFAULT_FIRST, _certify_rounds, look_schedule, spend
+from certify.math.validation import UsageError
 from certify.sampling.noise import NOISE_CHUNK
 
 
@@ -146,7 +147,7 @@ def test_bad_arguments_are_refused_before_drawing(kwargs, match):
 
     args = dict(labels=[0, 1], top_k=1, sigma=0.5, alpha=0.01, radii=(0.25,), n_max=1000)
     args.update(kwargs)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UsageError, match=match):
         certify_sequential(draw, num_classes=3, **args)
 
 
@@ -160,12 +161,12 @@ def test_bad_arguments_are_refused_before_drawing(kwargs, match):
     ],
 )
 def test_a_draw_that_breaks_its_contract_is_named(bad, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UsageError, match=match):
         certify_sequential(bad, [0, 1], 1, 0.5, 0.01, (0.25,), 1000)
 
 
 # ----------------------------------------------------------------------- the sampler's rounds
-@pytest.mark.parametrize("batch_size", [7, 100, 128, 333, 5000])
+@pytest.mark.parametrize("batch_size", [37, 128, 333, 5000])
 def test_rounds_count_the_samples_of_one_call(batch_size):
     """Rounds [0, a) + [a, b) (+ [b, e)) of several inputs sharing batches: the same counts as
     one call [0, e), for batch sizes below, at and above the chunk, and for a subset of the

@@ -6,8 +6,9 @@ the truth certifies nothing) stays at or under alpha, within 3 binomial standard
 alpha 0.01 and 0.05, per k and for "some k" (every k and every target of an input rest on
 the same bounds). The configurations put the label just below a target radius (where a
 procedure that looks too often reports that target), at a near tie, and among 100 classes,
-with k from 1 to 5. Teeth: the same procedure without correction across looks (every look at
-the full alpha) fails the same test.
+with k from 1 to 5 (4,000 trials at c = 2, 2,000 at c = 10, 1,000 at c = 100). Teeth: at
+c = 2, the same procedure without correction across looks (every look at the full alpha)
+fails the same test.
 
 Observed rates are printed (``python -m pytest tests/test_sequential_coverage.py -s``) and
 recorded in ``docs/sequential.md``.
@@ -91,7 +92,7 @@ def allowed(alpha: float, trials: int) -> float:
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_reported_radius_exceeds_the_truth_at_most_alpha(config, alpha):
     p, label, ks = CONFIGS[config]
-    trials = 1_500 if len(p) > 10 else 4_000
+    trials = {2: 4_000, 10: 2_000, 100: 1_000}[len(p)]
     seed = zlib.crc32(f"{config} {alpha}".encode())
     per_k, any_k, mean = simulate(p, label, ks, alpha, trials, seed)
     limit = allowed(alpha, trials)
@@ -103,10 +104,10 @@ def test_reported_radius_exceeds_the_truth_at_most_alpha(config, alpha):
     for k, failures in zip(ks, per_k, strict=True):
         assert failures / trials <= limit, (config, alpha, k, failures)
     assert any_k / trials <= limit, (config, alpha, any_k)
-    # teeth: every look at the full alpha, on fresh draws of the same inputs
-    _, unsound, _ = simulate(p, label, ks, alpha, trials, seed + 1, unsound=True)
-    print(f"[sequential]   without correction across looks: {unsound}/{trials}")
-    if config.startswith("c=2"):  # one bound decides: the looks' errors add up visibly
+    if config.startswith("c=2"):  # teeth where one bound decides and errors add up visibly:
+        # every look at the full alpha, on fresh draws of the same inputs
+        _, unsound, _ = simulate(p, label, ks, alpha, trials, seed + 1, unsound=True)
+        print(f"[sequential]   without correction across looks: {unsound}/{trials}")
         assert unsound / trials > limit, (config, alpha, unsound)
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_modules.cli import main
+from certify.commands.cli import main
 from lightning_modules.models import build_network
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,4 +43,4 @@ def test_a_checkpoint_without_its_sigma_says_so(isolated_run, capsys):
     line = startup(capsys.readouterr().out, "predict")
     assert "(Cohen et al.'s format, sha256 " in line
     assert "sigma 0.25 (the weights do not record a training sigma)" in line
-    assert "n0 5, n 10, alpha 0.001, k 2, examples 1, inputs test split" in line
+    assert "n0 5, n 10, alpha 0.001, k 2, inputs test split, examples 1" in line

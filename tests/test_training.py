@@ -1,4 +1,5 @@
-"""``topk-smoothing fit`` on digits: W&B offline, checkpoints, exact resume, start-up errors."""
+"""``topk-smoothing fit`` on digits: W&B offline, checkpoints, test, resume; exact resume; and
+the one-line errors of bad settings at start-up."""
 
 import os
 import subprocess
@@ -6,11 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import yaml
 
+from certify.commands.cli import main
+from datamodules import DigitsDataModule
 from lightning_modules import NoisyClassifier
-from lightning_modules.cli import main
 from tests.messages import assert_names
 from tests.wandb_records import history
 
@@ -20,10 +23,12 @@ DIGITS = str(CONFIGS / "digits.yaml")
 SHORT = ["--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2"]
 
 
-def test_fit_writes_checkpoints_config_and_metrics(isolated_run):
-    """`topk-smoothing fit` as the console runs it: one short epoch, then the test of the best
-    checkpoint. The run's folder holds both checkpoints and its config.yaml; the offline W&B run
-    holds the training, validation, certification and test metrics."""
+def test_fit_logs_to_wandb_checkpoints_tests_and_resumes_its_run(isolated_run, lightning_cli):
+    """Two short epochs with live certification, then the test of the best checkpoint: the
+    run's folder holds both checkpoints and its reusable config.yaml, the offline W&B run the
+    resolved config and the training, validation, certification and test metrics. The last
+    checkpoint reloads, ``test`` runs on it, and resuming continues the run: its folder, its
+    W&B id, and the best epoch over all epochs."""
     import wandb
 
     config = yaml.safe_load(Path(DIGITS).read_text())
@@ -31,51 +36,16 @@ def test_fit_writes_checkpoints_config_and_metrics(isolated_run):
         if callback["class_path"] == "certify.CertificationCallback":
             callback["init_args"].update(n=100, num_examples=12)
     Path("digits.yaml").write_text(yaml.safe_dump(config))
-    args = ["--trainer.max_epochs", "1", "--trainer.limit_test_batches", "2", *SHORT]
-    args += ["--trainer.log_every_n_steps", "1"]
+    args = ["--config", "digits.yaml", "--trainer.max_epochs", "2", *SHORT]
+    args += ["--trainer.limit_test_batches", "2", "--trainer.log_every_n_steps", "1"]
     try:
-        assert main(["fit", "--config", "digits.yaml", *args]) == 0
-    finally:
-        wandb.finish()  # flush the offline run file, as the end of a process does
-    (run_dir,) = Path("runs", "topk-smoothing-digits").iterdir()
-    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert checkpoints == ["best-epoch000.ckpt", "last.ckpt"]
-    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    assert last["epoch"] == 0 and last["global_step"] == 3  # limit_train_batches: 3 steps
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())  # the resolved config
-    assert saved["trainer"]["max_epochs"] == 1
-    assert saved["trainer"]["limit_train_batches"] == 3
-    assert saved["model"]["init_args"]["arch"] == "digits_cnn"
-    assert {p.name for p in Path(".").iterdir()} <= {"digits.yaml", "runs", "torch-home"} | {
-        p.name for p in Path(".").glob(".wandb-*")
-    }  # everything the run wrote is under runs/
-
-    (run_file,) = Path("runs", "wandb").glob("offline-run-*/run-*.wandb")
-    rows = history(run_file)
-    (val,) = [row for row in rows if "val/acc_top1" in row]
-    (test,) = [row for row in rows if "test/acc_top1" in row]
-    (certified,) = [row for row in rows if "val/certified_top1@0" in row]  # the last epoch's
-    assert any("train/loss" in row for row in rows)
-    assert 0 <= val["val/acc_top1"] <= val["val/acc_top3"] <= 1
-    assert 0 <= test["test/acc_top1"] <= test["test/acc_top3"] <= 1
-    assert 0 <= certified["val/certified_top1@0.5"] <= certified["val/certified_top1@0"] <= 1
-    states = last["callbacks"]  # the ModelCheckpoint on val/acc_top1 kept the epoch's score
-    scores = [v["best_model_score"] for k, v in states.items() if "val/acc_top1" in k]
-    assert [float(s) for s in scores] == [pytest.approx(val["val/acc_top1"])]
-
-
-def test_fit_logs_offline_to_wandb_and_keeps_everything_under_runs(isolated_run, lightning_cli):
-    import wandb
-
-    args = ["--trainer.max_epochs", "2", "--trainer.limit_test_batches", "2", *SHORT]
-    try:
-        cli = lightning_cli("fit", "--config", DIGITS, *args)
+        cli = lightning_cli("fit", *args)
         logger = cli.trainer.logger
         config = dict(logger.experiment.config)  # the run config holds the resolved config
         logged = set(logger.experiment.summary.keys())
         run_dir = Path("runs") / "topk-smoothing-digits" / logger.version
     finally:
-        wandb.finish()
+        wandb.finish()  # flush the offline run file, as the end of a process does
     assert config["model"]["init_args"]["sigma"] == 0.25
     assert config["model"]["init_args"]["num_classes"] == 10  # linked from the data
     assert config["model"]["init_args"]["optimizer"]["class_path"] == "torch.optim.Adam"
@@ -84,30 +54,44 @@ def test_fit_logs_offline_to_wandb_and_keeps_everything_under_runs(isolated_run,
     assert config["num_noise_samples"] == 1  # the module's hyperparameters, resolved
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())  # reusable: no link targets
     assert saved["model"]["init_args"]["sigma"] == 0.25 and "num_classes" not in saved["model"]
+    assert saved["model"]["init_args"]["arch"] == "digits_cnn"
+    assert saved["trainer"]["max_epochs"] == 2 and saved["trainer"]["limit_train_batches"] == 3
+    assert {p.name for p in Path(".").iterdir()} <= {"digits.yaml", "runs", "torch-home"} | {
+        p.name for p in Path(".").glob(".wandb-*")
+    }  # everything the run wrote is under runs/
+    assert {"train/loss", "val/loss", "val/acc_top1", "val/acc_top3", "test/acc_top1"} <= logged
+
     (run_file,) = Path("runs", "wandb").glob("offline-run-*/run-*.wandb")
-    accuracy = [row["val/acc_top1"] for row in history(run_file) if "val/acc_top1" in row]
+    rows = history(run_file)
+    accuracy = [row["val/acc_top1"] for row in rows if "val/acc_top1" in row]
     assert len(accuracy) == 2  # one validation per epoch
+    val = [row for row in rows if "val/acc_top3" in row][-1]
+    (test,) = [row for row in rows if "test/acc_top1" in row]
+    (certified,) = [row for row in rows if "val/certified_top1@0" in row]  # the last epoch's
+    assert any("train/loss" in row for row in rows)
+    assert 0 <= val["val/acc_top1"] <= val["val/acc_top3"] <= 1
+    assert 0 <= test["test/acc_top1"] <= test["test/acc_top3"] <= 1
+    assert 0 <= certified["val/certified_top1@0.5"] <= certified["val/certified_top1@0"] <= 1
     best = accuracy.index(max(accuracy))  # ModelCheckpoint keeps the first of equal scores
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == [f"best-epoch{best:03d}.ckpt", "last.ckpt"]
-    assert {p.name for p in Path(".").iterdir()} <= {"runs", "torch-home"} | {
-        p.name for p in Path(".").glob(".wandb-*")
-    }
-    assert {"train/loss", "val/loss", "val/acc_top1", "val/acc_top3", "test/acc_top1"} <= logged
-
     last = run_dir / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True)  # tensors, numbers and strings only
+    assert state["epoch"] == 1 and state["global_step"] == 6  # limit_train_batches: 3 steps
+    scores = [v["best_model_score"] for k, v in state["callbacks"].items() if "val/acc_top1" in k]
+    assert [float(s) for s in scores] == [pytest.approx(max(accuracy))]
+
     reloaded = NoisyClassifier.load_from_checkpoint(last)
     assert reloaded.sigma == 0.25 and reloaded.num_classes == 10
     x = torch.rand(4, 1, 8, 8)
     torch.testing.assert_close(reloaded.eval()(x), cli.model.eval()(x))
     test_args = ["--ckpt_path", str(last), "--trainer.logger", "false"]
-    test_args += ["--trainer.limit_test_batches", "1"]
+    test_args += ["--trainer.limit_test_batches", "2"]
     assert main(["test", "--config", str(run_dir / "config.yaml"), *test_args]) == 0
 
-    # Resuming continues the run: its folder, its W&B id, and the best epoch over all epochs.
-    args[1] = "3"  # --trainer.max_epochs
+    args[args.index("--trainer.max_epochs") + 1] = "3"
     try:
-        cli = lightning_cli("fit", "--config", DIGITS, *args, "--ckpt_path", str(last))
+        cli = lightning_cli("fit", *args, "--ckpt_path", str(last))
         assert cli.trainer.logger.version == run_dir.name
     finally:
         wandb.finish()
@@ -124,85 +108,111 @@ def test_fit_logs_offline_to_wandb_and_keeps_everything_under_runs(isolated_run,
     assert checkpoints == [f"best-epoch{best:03d}.ckpt", "last.ckpt"]
 
 
-def final_state(folder: str) -> dict:
-    checkpoint = torch.load(Path(folder, "checkpoints", "last.ckpt"), weights_only=False)
-    return {"epoch": checkpoint["epoch"], **checkpoint["state_dict"]}
+def fit(folder: Path, epochs: int, ckpt_path: Path | None = None) -> dict:
+    """A short digits fit (3 batches per epoch); its final checkpoint."""
+    pl.seed_everything(0, verbose=False)
+    data = DigitsDataModule(batch_size=64)
+    model = NoisyClassifier("digits_cnn", 10, data.mean, data.std, top_k=(1, 3))
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=epochs, limit_train_batches=3,
+        limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=folder,
+    )  # fmt: skip
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    (path,) = (folder / "checkpoints").glob(f"epoch={epochs - 1}-*.ckpt")
+    return torch.load(path, weights_only=True)
 
 
-def test_resume_from_checkpoint_is_exact(isolated_run, lightning_cli):
-    """Two epochs in one go equal one epoch, then a resumed second one (noise included)."""
-    common = ["--config", DIGITS, "--trainer.logger", "false", "--test_after_fit", "false", *SHORT]
-    common += ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-
-    def fit(epochs: int, folder: str, *more: str) -> None:
-        root = ["--trainer.default_root_dir", folder]
-        lightning_cli("fit", *common, "--trainer.max_epochs", str(epochs), *root, *more)
-
-    fit(2, "a")
-    fit(1, "b")
-    halfway = final_state("b")
-    fit(2, "b", "--ckpt_path", "b/checkpoints/last.ckpt")
-    straight, resumed = final_state("a"), final_state("b")
+def test_resume_from_checkpoint_is_exact(tmp_path):
+    """Two epochs in one go equal one epoch, then a resumed second one (noise, data order and
+    dropout included)."""
+    straight = fit(tmp_path / "a", 2)
+    halfway = fit(tmp_path / "b", 1)
+    (first,) = (tmp_path / "b" / "checkpoints").glob("*.ckpt")
+    resumed = fit(tmp_path / "b", 2, ckpt_path=first.rename(first.with_name("first.ckpt")))
     assert straight["epoch"] == resumed["epoch"] == 1 and halfway["epoch"] == 0
-    assert straight.keys() == resumed.keys()
-    for key in straight:
-        if key != "epoch":
-            assert torch.equal(straight[key], resumed[key]), key
-    assert not torch.equal(halfway["net.1.fc.weight"], straight["net.1.fc.weight"])
+    assert straight["state_dict"].keys() == resumed["state_dict"].keys()
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    weight = "net.1.fc.weight"
+    assert not torch.equal(halfway["state_dict"][weight], straight["state_dict"][weight])
+
+
+def run_fit(capsys, config: str, *args: str) -> str:
+    """``fit`` with a mistake: exit status 2, one line on stderr, nothing else written."""
+    assert main(["fit", "--config", str(CONFIGS / config), *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("topk-smoothing fit: error: ")
+    assert captured.err.count("\n") == 1 and captured.out == ""
+    assert not Path("runs").exists()
+    return captured.err
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("config", "args", "message"),
     [
-        (["--model.sigma", "0"], "sigma must be a finite number > 0, got 0.0"),
-        (["--model.sigma", "-0.5"], "sigma must be a finite number > 0, got -0.5"),
-        (["--model.arch", "resnet5"], "unknown model 'resnet5'; choose one of: cifar_resnet110, "),
+        ("digits.yaml", ["--model.arch", "resnet5"], "unknown model 'resnet5'; choose one of: c"),
         (
+            "digits.yaml",
             ["--model.arch", "resnet50", "--model.weights", "IMAGENET9"],
             "'IMAGENET9' is neither a file nor a weights name of resnet50 (choose one of: DEFAULT",
         ),
-        (["--model.weights", "nowhere/w.pth"], "weights file 'nowhere/w.pth' does not exist"),
-        (["--ckpt_path", "missing.ckpt"], "checkpoint 'missing.ckpt' does not exist"),
-        (["--data.batch_size", "0"], "batch_size must be >= 1, got 0"),
+        ("digits.yaml", ["--model.weights", "no/w.pth"], "weights file 'no/w.pth' does not exist"),
+        ("digits.yaml", ["--ckpt_path", "missing.ckpt"], "missing.ckpt"),
+        (
+            "digits.yaml",
+            ["--model.smoothadv_epsilon", "0.5"],
+            "smoothadv_epsilon applies to loss 'smoothadv' only, got 0.5 with loss 'gaussian'",
+        ),
+        (
+            "digits_consistency.yaml",
+            ["--model.num_noise_samples", "1"],
+            "loss 'consistency' needs num_noise_samples >= 2",
+        ),
+        (
+            "cifar10_resnet110.yaml",
+            ["--data.data_dir", "no/such/dir"],
+            "data_dir 'no/such/dir' is not a directory",
+        ),
+        (
+            "imagenet_resnet50.yaml",
+            ["--data.data_dir", "no/such/dir"],
+            "data_dir 'no/such/dir' is not a directory",
+        ),
     ],
 )
-def test_bad_settings_fail_at_start_up_in_one_line(isolated_run, capsys, args, message):
-    assert main(["fit", "--config", DIGITS, *args]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("topk-smoothing fit: error: ") and err.count("\n") == 1
-    assert message in err
+def test_bad_settings_fail_at_start_up_in_one_line(isolated_run, capsys, config, args, message):
+    assert message in run_fit(capsys, config, *args)
 
 
 @pytest.mark.parametrize(
-    ("option", "name", "value"),
-    [("model.sigma", "sigma", "abc"), ("trainer.max_epochs", "trainer.max_epochs", "many")],
+    ("config", "option", "value"),
+    [
+        ("digits.yaml", "model.sigma", "0"),
+        ("digits.yaml", "model.sigma", "-0.5"),
+        ("digits.yaml", "model.sigma", "abc"),
+        ("digits.yaml", "trainer.max_epochs", "many"),
+        ("digits.yaml", "data.batch_size", "0"),
+        ("digits.yaml", "model.loss", "hinge"),
+        ("digits_consistency.yaml", "model.consistency_lambda", "-1"),
+        ("digits_smoothadv.yaml", "model.smoothadv_steps", "0"),
+    ],
 )
-def test_values_of_the_wrong_type_fail_at_start_up(isolated_run, capsys, option, name, value):
-    """Found by the command-line parser (whose wording is its own): exit status 2, one line
-    naming the option and the value, nothing written."""
-    assert main(["fit", "--config", DIGITS, f"--{option}", value]) == 2
-    captured = capsys.readouterr()
-    assert captured.err.startswith("topk-smoothing fit: error: ")
-    assert captured.err.count("\n") == 1
-    assert_names(captured.err, name, value)
-    assert captured.out == "" and not Path("runs").exists()
-
-
-@pytest.mark.parametrize("config", ["cifar10_resnet110.yaml", "imagenet_resnet50.yaml"])
-def test_missing_data_directory_fails_at_start_up(isolated_run, capsys, config):
-    args = ["--config", str(CONFIGS / config), "--data.data_dir", "no/such/dir"]
-    assert main(["fit", *args]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "data_dir 'no/such/dir' is not a directory" in err
+def test_bad_values_fail_at_start_up_in_one_line(isolated_run, capsys, config, option, value):
+    """Found by the command-line parser (whose wording is its own): the line names the
+    option and the value."""
+    err = run_fit(capsys, config, f"--{option}", value)
+    assert_names(err, option.split(".")[-1], value)
 
 
 def test_console_error_is_the_only_output(isolated_run):
     """The real console path: exit status 2, one line on stderr, no traceback, nothing written."""
-    command = [sys.executable, "-m", "certify", "fit", "--config", DIGITS, "--model.sigma", "-1"]
+    command = [sys.executable, "-m", "certify", "fit", "--config", DIGITS, "--model.arch", "x"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's package
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == [
-        "topk-smoothing fit: error: sigma must be a finite number > 0, got -1.0"
+        "topk-smoothing fit: error: unknown model 'x'; choose one of: cifar_resnet110, "
+        "cifar_resnet20, digits_cnn, resnet101, resnet18, resnet50"
     ]
     assert done.stdout == "" and not Path("runs").exists()

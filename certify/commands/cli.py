@@ -1,51 +1,62 @@
-"""``topk-smoothing``: one console command, several subcommands.
-
-``radius`` (and the other pure commands registered in ``COMMANDS``) run without Lightning;
-``fit``, ``validate``, ``test``, ``certify`` and ``predict`` go to the LightningCLI in
-``lightning_modules.cli``. User mistakes end in one line on stderr and exit status 2.
-"""
+"""``topk-smoothing``: ``fit``, ``validate``, ``test``, ``certify``, ``predict`` on one
+LightningCLI, ``radius`` and ``report`` on argparse. A user mistake: one line on stderr,
+``topk-smoothing CMD: error: ...``, exit status 2, nothing written."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
-import numpy as np
+from jsonargparse import ArgumentError
 
+from certify.commands.checkpoints import network_state, read_checkpoint
 from certify.commands.countfile import format_radius, read_counts, write_atomic
 from certify.commands.report import configure_report, run_report
+from certify.commands.runner import CertifyingTrainer
 from certify.math.radius import certified_radius
+from certify.math.validation import UsageError
+from lightning_modules.cli import SafeTrainer, TopkLightningCLI, innermost, one_line
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict", "certify")
-LIGHTNING_HELP = {
-    "fit": "train a base classifier under Gaussian noise (LightningCLI)",
-    "validate": "evaluate a base classifier under noise on the validation split (LightningCLI)",
-    "test": "evaluate a base classifier under noise on the test split (LightningCLI)",
-    "certify": "certified top-k radii of the true labels of a data split",
-    "predict": "top-k sets of the smoothed classifier with a certified radius per label",
-}
+#: The commands that sample the smoothed classifier (and read Cohen et al.'s checkpoints).
+SMOOTHING_COMMANDS = ("certify", "predict")
+LIGHTNING_COMMANDS = ("fit", "validate", "test", *SMOOTHING_COMMANDS)
 
 
-class UsageError(ValueError):
-    """A mistake of the user's: reported in one line, exit status 2."""
+class Trainer(CertifyingTrainer, SafeTrainer):
+    """``SafeTrainer``'s ``fit``, ``validate``, ``test``; ``CertifyingTrainer``'s ``certify``,
+    ``predict``."""
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line instead of usage + message."""
+class SmoothingCLI(TopkLightningCLI):
+    """``TopkLightningCLI`` with ``certify`` and ``predict``; refuses a checkpoint that does not
+    fit the model, and Cohen et al.'s for training and evaluation."""
 
-    def error(self, message: str):  # type: ignore[override]
-        raise UsageError(message)
+    read_checkpoint = staticmethod(read_checkpoint)
+
+    def __init__(self, args: Any = None, **kwargs: Any) -> None:
+        super().__init__(args, **{"trainer_class": Trainer, **kwargs})
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        skip = {"model", "datamodule"}
+        return {**TopkLightningCLI.subcommands(), **dict.fromkeys(SMOOTHING_COMMANDS, skip)}
+
+    def instantiate_trainer(self, **kwargs: Any):
+        if self.checkpoint is not None and (net := getattr(self.model, "net", None)) is not None:
+            arch = getattr(self.model, "hparams", {}).get("arch")
+            _, kind = network_state(self.checkpoint, self.ckpt_path, arch, net)
+            if kind == "cohen" and self.config.get("subcommand") not in SMOOTHING_COMMANDS:
+                raise UsageError(
+                    f"checkpoint {self.ckpt_path!r} is one of Cohen et al.'s models, not a "
+                    "Lightning checkpoint: only `topk-smoothing certify` and `predict` read it"
+                )
+        return super().instantiate_trainer(**kwargs)
 
 
-def radius_rows(radii: np.ndarray, labels: np.ndarray, top_k: Sequence[int]):
-    yield "\t".join(["idx", "label", *(f"radius_top{k}" for k in top_k)]) + "\n"
-    for idx, (label, row) in enumerate(zip(labels.tolist(), radii.tolist(), strict=True)):
-        yield "\t".join([str(idx), str(label), *map(format_radius, row)]) + "\n"
-
-
-# ------------------------------------------------------------------------- radius
 def configure_radius(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("counts", help="count file: per row, c integer counts then the label")
     parser.add_argument("--sigma", type=float, required=True, help="noise level of the counts")
@@ -58,11 +69,10 @@ def configure_radius(parser: argparse.ArgumentParser) -> None:
 def run_radius(args: argparse.Namespace) -> None:
     counts, labels = read_counts(args.counts)
     radii = certified_radius(counts, labels, args.k, args.sigma, args.alpha, args.bounds)
-    rows = radius_rows(radii.numpy(), labels, args.k)
-    if args.output:
-        write_atomic(args.output, rows)
-    else:
-        sys.stdout.writelines(rows)
+    rows = ["\t".join(["idx", "label", *(f"radius_top{k}" for k in args.k)]) + "\n"]
+    for idx, (label, row) in enumerate(zip(labels.tolist(), radii.tolist(), strict=True)):
+        rows.append("\t".join([str(idx), str(label), *map(format_radius, row)]) + "\n")
+    write_atomic(args.output, rows) if args.output else sys.stdout.writelines(rows)
 
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
@@ -71,44 +81,79 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(
-        prog="topk-smoothing",
-        description="Certified top-k robustness by randomized smoothing. Lightning commands: "
-        + ", ".join(LIGHTNING_COMMANDS)
-        + " (see `topk-smoothing fit --help`).",
-    )
+class Numbers(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, [number for each in values for number in each])
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with a bad argument in one line; a list of numbers is ``--k 1 3 5`` or, as on
+    the Lightning commands, ``--k [1,3,5]``."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(message)
+
+    def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:
+        if kwargs.get("nargs") == "+" and (kind := kwargs.get("type")) in (int, float):
+
+            def numbers(text: str) -> list:
+                listed = text.startswith("[") and text.endswith("]")
+                return [kind(part) for part in (text[1:-1].split(",") if listed else [text])]
+
+            numbers.__name__ = kind.__name__  # argparse says "invalid int value: 'x'"
+            kwargs.update(type=numbers, action=Numbers)
+        return super().add_argument(*names, **kwargs)
+
+
+def run(argv: list[str]) -> int:
+    """Run one command; user mistakes raise (``UsageError``, ``ArgumentError``, ``OSError``)."""
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        # No seed line, no progress for certify and predict: a mistake's line stays alone.
+        logging.getLogger("lightning_fabric.utilities.seed").setLevel(logging.WARNING)
+        if argv[0] in SMOOTHING_COMMANDS:
+            logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+        SmoothingCLI(args=argv)
+        return 0
+    lightning = ", ".join(LIGHTNING_COMMANDS)
+    parser = OneLineParser(prog="topk-smoothing", description="Certified top-k robustness by "
+                           f"randomized smoothing. Lightning commands: {lightning} (see "
+                           "`topk-smoothing fit --help`).")  # fmt: skip
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for name, (help_text, configure, _) in COMMANDS.items():
         configure(sub.add_parser(name, help=help_text, description=help_text))
     for name in LIGHTNING_COMMANDS:
-        sub.add_parser(name, help=LIGHTNING_HELP.get(name, f"LightningCLI {name}"))
-    return parser
+        sub.add_parser(name, help=f"see `topk-smoothing {name} --help`")
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    COMMANDS[args.command][2](args)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``topk-smoothing COMMAND ...``: 0 on success, 2 after a one-line user mistake."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in LIGHTNING_COMMANDS:
-        from lightning_modules.cli import main as lightning_main
-
-        return lightning_main(argv)
-    prog = "topk-smoothing" + (f" {argv[0]}" if argv and argv[0] in COMMANDS else "")
+    known = argv[:1] and argv[0] in (*LIGHTNING_COMMANDS, *COMMANDS)
+    prog = "topk-smoothing" + (f" {argv[0]}" if known else "")
     try:
-        args = build_parser().parse_args(argv)
-        if args.command is None:
-            build_parser().print_help()
-            return 2
-        COMMANDS[args.command][2](args)
-    except ValueError as err:  # UsageError, CountFileError and the API's ValueErrors
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
+        return run(argv)
+    except ArgumentError as err:  # the innermost parser message names the key and the value
+        detail = one_line(innermost(err, ArgumentError))
+    except ValueError as err:  # UsageError; for radius and report, the API's ValueErrors too
+        if argv[:1] and argv[0] in LIGHTNING_COMMANDS and not isinstance(err, UsageError):
+            raise
+        detail = one_line(err)
     except BrokenPipeError:  # e.g. `topk-smoothing radius ... | head`
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
         return 0
-    except OSError as err:
-        print(f"{prog}: error: {err.filename or ''}: {err.strerror}", file=sys.stderr)
-        return 2
-    return 0
+    except OSError as err:  # a full or read-only disk, missing or unreadable files
+        if err.filename is not None and err.strerror:
+            detail = f"{err.filename}: {err.strerror}"
+        else:  # e.g. torchvision's "Found no valid file for the classes ..."
+            detail = one_line(err) or type(err).__name__
+    print(f"{prog}: error: {detail}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -11,78 +11,57 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from certify.commands.settings import CertifySettingsError
-
-
-class ImageFileError(CertifySettingsError):
-    """An image file that cannot be an input of the model (one line, exit status 2)."""
+from certify.math.validation import UsageError
 
 
 def evaluation_transform(dataset: Dataset):
-    """The transform of a torchvision data set (``ImageFolder``, ``CIFAR10``), looked up through
-    ``Subset`` wrappers; ``ToTensor`` for in-memory data sets (the digits) that have none."""
+    """The transform of a torchvision data set (through ``Subset`` wrappers); ``ToTensor`` for
+    in-memory data sets (the digits) that have none."""
     while not hasattr(dataset, "transform") and hasattr(dataset, "dataset"):
         dataset = dataset.dataset
     transform = getattr(dataset, "transform", None)
-    return transform if transform is not None else transforms.ToTensor()
+    return transforms.ToTensor() if transform is None else transform
 
 
 class FolderImages(Dataset):
-    """Every image file under ``folder`` (recursively, sorted by relative path) as
-    ``(image, -1)``: the label is unknown. Images are read as grey-level or RGB (as the data
-    set's ``shape`` has 1 or 3 channels) and go through ``transform``, which must give tensors
-    of ``shape``.
-
-    Example ids: the position in the sorted list, so the noise of a file is the same in every
-    run over the same folder.
+    """Every image file under the directory ``folder`` (recursively, sorted by relative path)
+    as ``(image, -1)`` (no label), read as grey or RGB as ``shape`` has 1 or 3 channels and
+    passed through ``transform``, which must give tensors of ``shape``. An image's example id
+    is its position in the sorted list: the same noise in every run over the same folder.
+    Every file is read once here (``identity``: the folder and a digest of its files, for the
+    settings file): one that cannot be an input is refused before any output.
     """
 
     def __init__(self, folder: str | Path, transform, shape: tuple[int, ...]) -> None:
-        self.root = Path(folder).expanduser()
-        if not self.root.is_dir():
-            raise ImageFileError(f"images {str(folder)!r} is not a directory")
+        self.root, self.transform, self.shape = Path(folder).expanduser(), transform, tuple(shape)
         self.files = sorted(
             (p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS),
             key=lambda p: p.relative_to(self.root).as_posix(),
         )
         if not self.files:
-            raise ImageFileError(
+            raise UsageError(
                 f"images {str(folder)!r} holds no image files ({', '.join(IMG_EXTENSIONS)})"
             )
-        self.transform, self.shape = transform, tuple(shape)
         self.mode = {1: "L", 3: "RGB"}.get(self.shape[0])
         if self.mode is None:
-            raise ImageFileError(
+            raise UsageError(
                 f"images: the data set's inputs have {self.shape[0]} channels; image files "
                 "give 1 (grey) or 3 (RGB)"
             )
-
-    def name(self, index: int) -> str:
-        return self.files[index].relative_to(self.root).as_posix()
-
-    def identity(self) -> dict:
-        """The folder and a digest of its files' names and contents (for the settings file):
-        a file changed in place is another input, and a run over it another run."""
-        digest = hashlib.sha256()
-        for i, path in enumerate(self.files):
-            try:
-                content = path.read_bytes()
-            except OSError as err:
-                reason = err.strerror or type(err).__name__
-                raise ImageFileError(f"image {self.name(i)!r} cannot be read ({reason})") from None
-            digest.update(f"{self.name(i)}\0{len(content)}\n".encode())
+        digest = hashlib.sha256()  # of the names and contents: a file changed is another run
+        for index, path in enumerate(self.files):
+            self[index]  # a file that cannot be an input is refused here
+            content = path.read_bytes()
+            digest.update(f"{self.name(index)}\0{len(content)}\n".encode())
             digest.update(hashlib.sha256(content).digest())
-        return {
+        self.identity = {
             "folder": str(self.root.resolve()),
             "files": len(self.files),
             "sha256": digest.hexdigest(),
         }
 
-    def check(self) -> None:
-        """Read every image once: a file that cannot be an input is refused before any output
-        is written."""
-        for index in range(len(self)):
-            self[index]
+    def name(self, index: int) -> str:
+        return self.files[index].relative_to(self.root).as_posix()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -93,10 +72,10 @@ class FolderImages(Dataset):
                 image = image.convert(self.mode)
         except (UnidentifiedImageError, OSError) as err:
             reason = " ".join(str(err).split()) or type(err).__name__
-            raise ImageFileError(f"image {self.name(index)!r} cannot be read ({reason})") from None
+            raise UsageError(f"image {self.name(index)!r} cannot be read ({reason})") from None
         x = self.transform(image)  # (C, H, W)
         if tuple(x.shape) != self.shape:
-            raise ImageFileError(
+            raise UsageError(
                 f"image {self.name(index)!r} is {tuple(x.shape)} after the data set's "
                 f"transforms, the data set's inputs are {self.shape}"
             )

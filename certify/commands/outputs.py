@@ -1,12 +1,10 @@
-"""The output directory of ``topk-smoothing certify``: crash-safe, resumable, mergeable.
+"""The output directory of ``certify`` and ``predict``: crash-safe, resumable, mergeable.
 
-Every process appends one line per finished example to its own part file
-(``parts/rank{r}.tsv``) with a single ``write`` followed by ``fsync``, so a kill loses at most
-the examples in flight and never leaves a half row that is read back: a last line without its
-newline is cut off before the file is appended to again. ``certify.json`` records everything
-that determines the results; a rerun with other settings is refused. When every selected
-example is done, the parts are merged, sorted by dataset index, into ``certify.tsv`` and the
-authors' ``counts.txt`` format (both written through a temporary file and a rename).
+Each process appends one line per finished example to ``parts/rank{r}.tsv`` with one ``write``
+and an ``fsync``: a kill loses at most the examples in flight, and a torn last line is cut off
+before the file is appended to again. The settings file (``certify.json`` or ``predict.json``)
+records what determines the results; a rerun with other settings, or of the other command, is
+refused. Rank 0 merges the parts, sorted by index, into the command's files (atomic writes).
 """
 
 from __future__ import annotations
@@ -16,175 +14,116 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
-from certify.commands.countfile import format_counts, format_radius, write_atomic
-
-METADATA = "certify.json"
-PREDICT_METADATA = "predict.json"
-#: the settings files of the commands that write parts/: one command per directory
-SETTINGS_FILES = frozenset({METADATA, PREDICT_METADATA})
-RESULTS = "certify.tsv"
-COUNTS = "counts.txt"
-
-
-class OutputError(ValueError):
-    """The output directory cannot be used for this run (one-line message)."""
-
+from certify.commands.countfile import write_atomic
+from certify.math.validation import UsageError
 
 #: Datamodule arguments that change how data is loaded, not which examples it holds.
 LOADER_ONLY = ("batch_size", "num_workers", "download", "verify_md5")
 
 
 def data_identity(datamodule) -> dict:
-    """The datamodule's class and the arguments that decide its examples (for ``certify.json``):
-    a rerun on another split seed or data directory must not resume this run's rows."""
-    kind = type(datamodule)
-    hparams = dict(getattr(datamodule, "hparams", {}))
-    identity = {"class": f"{kind.__module__}.{kind.__qualname__}"}
-    identity.update({k: v for k, v in sorted(hparams.items()) if k not in LOADER_ONLY})
+    """The datamodule's class and the arguments that decide its examples (for the settings
+    file): a rerun on another split seed or data directory must not resume this run's rows.
+    Not the loader's settings, nor what LightningCLI adds (``_class_path``, ...)."""
+    kind, hparams = type(datamodule), dict(getattr(datamodule, "hparams", {}))
+    kept = {k: v for k, v in hparams.items() if k not in LOADER_ONLY and not k.startswith("_")}
+    identity = {"class": f"{kind.__module__}.{kind.__qualname__}", **dict(sorted(kept.items()))}
     return json.loads(json.dumps(identity, default=str))  # as it reads back from the file
 
 
-class CertifyOutput:
-    """One certify run's output directory.
+def part_line(fields: Sequence, seconds: float, counts: Sequence[int]) -> str:
+    """One part line: the TSV fields, the sampling time, then the counts (space separated)."""
+    return "\t".join([*map(str, fields), f"{seconds:.4f}", " ".join(map(str, counts))]) + "\n"
 
-    Args:
-        directory: where the files go (created if missing).
-        metadata: settings that determine the results (n, alpha, sigma, ...).
-        top_k: the k of the radius columns.
-    """
 
-    metadata_file = METADATA  #: the settings file's name
+class RunOutput:
+    """One run's output ``directory`` with its ``settings_file`` (``certify.json`` or
+    ``predict.json``) of the ``metadata`` that determine the results; ``header``: the TSV
+    columns of a part line, ``seconds`` last (the counts follow them)."""
 
-    def __init__(self, directory: str | os.PathLike, metadata: dict, top_k: Sequence[int]) -> None:
-        self.directory = Path(directory)
-        self.metadata = dict(metadata)
-        self.top_k = tuple(top_k)
-        #: a ``--sequential`` run: a ``samples`` column, no ``counts.txt``
-        self.sequential = self.metadata.get("mode") == "sequential"
-        self.header = [
-            "idx", "label", *(f"pred{i + 1}" for i in range(max(self.top_k))),
-            *(f"radius_top{k}" for k in self.top_k), *(["samples"] * self.sequential), "seconds",
-        ]  # fmt: skip
+    def __init__(self, directory, settings_file: str, metadata: dict, header: Sequence[str]):
+        self.directory, self.settings_file = Path(directory), settings_file
+        self.metadata, self.header = dict(metadata), list(header)
 
-    # ------------------------------------------------------------------ settings
     def prepare(self) -> None:
-        """Create the directory and ``certify.json``, or refuse settings that differ."""
+        """Create the directory and the settings file, or refuse settings that differ."""
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            (self.directory / "parts").mkdir(exist_ok=True)
+            (self.directory / "parts").mkdir(parents=True, exist_ok=True)
         except OSError as err:
             where = err.filename or self.directory
-            raise OutputError(f"cannot create output directory {where}: {err.strerror}") from None
+            raise UsageError(f"cannot create output directory {where}: {err.strerror}") from None
         if not os.access(self.directory, os.W_OK):
-            raise OutputError(f"output directory {self.directory} is not writable")
-        for other in sorted(SETTINGS_FILES - {self.metadata_file}):
-            if (self.directory / other).is_file():  # the parts of another command's rows
-                raise OutputError(
+            raise UsageError(f"output directory {self.directory} is not writable")
+        for other in {"certify.json", "predict.json"} - {self.settings_file}:
+            if (self.directory / other).is_file():
+                raise UsageError(
                     f"{self.directory} holds a {Path(other).stem} run ({other}); refusing to "
                     "mix them (choose another output directory)"
                 )
-        path = self.directory / self.metadata_file
-        if path.is_file():
-            try:
-                existing = json.loads(path.read_text())
-            except (ValueError, OSError) as err:  # JSONDecodeError, UnicodeDecodeError
-                raise OutputError(f"{path} cannot be read ({type(err).__name__})") from None
-            if not isinstance(existing, dict):
-                raise OutputError(f"{path} is not the settings of a certify run")
-            self.check_metadata(existing)
-        else:
+        path = self.directory / self.settings_file
+        if not path.is_file():
             try:
                 write_atomic(path, [json.dumps(self.metadata, indent=2, sort_keys=True) + "\n"])
             except OSError as err:
-                raise OutputError(f"cannot write {path}: {err.strerror}") from None
-
-    def check_metadata(self, existing: dict) -> None:
+                raise UsageError(f"cannot write {path}: {err.strerror}") from None
+            return
+        try:
+            existing = json.loads(path.read_text())
+        except (ValueError, OSError) as err:  # JSONDecodeError, UnicodeDecodeError
+            raise UsageError(f"{path} cannot be read ({type(err).__name__})") from None
+        if not isinstance(existing, dict):
+            raise UsageError(f"{path} is not the settings of a {Path(path).stem} run")
         for key in sorted(set(existing) | set(self.metadata)):
             old, new = existing.get(key), self.metadata.get(key)
             if old != new:
-                raise OutputError(
+                raise UsageError(
                     f"{self.directory} holds a run with {key} = {old!r}, this run has "
                     f"{key} = {new!r}; refusing to mix them (choose another output directory)"
                 )
 
-    # ------------------------------------------------------------------ parts
-    def part_path(self, rank: int) -> Path:
-        return self.directory / "parts" / f"rank{rank}.tsv"
-
-    def _complete_lines(self, path: Path) -> list[str]:
-        text = path.read_bytes().decode("utf-8", errors="replace")
-        lines = text.split("\n")[:-1]  # a last piece without "\n" was cut by a kill
-        rows = [line for line in lines if len(line.split("\t")) == len(self.header) + 1]
-        for number, line in enumerate(rows, 1):
-            fields = line.split("\t")
-            try:
-                for value in fields[:2] + fields[-1].split(" "):  # idx, label, counts
-                    int(value)
-            except ValueError:
-                raise OutputError(
-                    f"{path} has a row this program did not write ({number}: "
-                    f"{line[:40]!r}); remove it or choose another output directory"
-                ) from None
-        return rows
-
-    def read_parts(self) -> dict[int, str]:
-        """Finished rows by dataset index, from every part file (any number of processes)."""
-        rows: dict[int, str] = {}
+    def read_parts(self) -> dict[int, list[str]]:
+        """Finished rows (their fields) by dataset index, from every part file; a torn last
+        piece is ignored, a row this program did not write is refused."""
+        rows: dict[int, list[str]] = {}
         for path in sorted((self.directory / "parts").glob("rank*.tsv")):
-            for line in self._complete_lines(path):
-                rows.setdefault(int(line.split("\t", 1)[0]), line)
+            lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")[:-1]
+            lines = [line.split("\t") for line in lines]
+            for number, fields in enumerate(f for f in lines if len(f) == len(self.header) + 1):
+                try:
+                    [int(v) for v in fields[:2] + fields[-1].split(" ")]  # idx, label, counts
+                except ValueError:
+                    line = "\t".join(fields)[:40]
+                    raise UsageError(
+                        f"{path} has a row this program did not write ({number + 1}: {line!r}); "
+                        "remove it or choose another output directory"
+                    ) from None
+                rows.setdefault(int(fields[0]), fields)
         return rows
 
     def open_part(self, rank: int) -> int:
         """A descriptor appending to this rank's part file, a torn last line cut off first."""
-        path = self.part_path(rank)
+        path = self.directory / "parts" / f"rank{rank}.tsv"
         if path.exists():
-            data = path.read_bytes()
-            keep = data.rfind(b"\n") + 1
-            if keep != len(data):
-                os.truncate(path, keep)
+            os.truncate(path, path.read_bytes().rfind(b"\n") + 1)
         return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
-    def row(
-        self, idx: int, label: int, top_labels, radii, seconds: float, counts, samples=None
-    ) -> str:
-        """One part line: the TSV fields, then the counts (space separated).
-
-        ``samples``: the samples drawn for the example (a sequential run's column)."""
-        fields = [
-            str(idx), str(label), *map(str, top_labels), *map(format_radius, radii),
-            *([str(samples)] * self.sequential), f"{seconds:.4f}", " ".join(map(str, counts)),
-        ]  # fmt: skip
-        return "\t".join(fields) + "\n"
-
     def append(self, fd: int, lines: Sequence[str]) -> None:
+        """Append whole lines with one write and an fsync; a full disk is one line."""
         data = "".join(lines).encode()
         try:
             while data:
-                written = os.write(fd, data)
-                data = data[written:]
+                data = data[os.write(fd, data) :]
             os.fsync(fd)
-        except OSError as err:  # e.g. a full disk: the rows before stay, a torn one is cut
-            raise OutputError(
+        except OSError as err:  # the rows before stay; a torn one is cut on the rerun
+            raise UsageError(
                 f"cannot write to {self.directory / 'parts'}: {err.strerror}; the finished "
                 "examples are kept, rerun the same command to continue"
             ) from None
 
-    # ------------------------------------------------------------------ merge
-    def merge(self, selected: Sequence[int]) -> bool:
-        """Write ``certify.tsv`` and ``counts.txt`` (not for a sequential run: its counts were
-        stopped by looking at them, and ``radius`` on them would not be a certificate) if every
-        selected example is done."""
+    def merged(self, selected: Sequence[int]) -> list[list[str]] | None:
+        """The rows of ``selected`` sorted by index, or None while one is missing."""
         rows = self.read_parts()
-        if any(int(i) not in rows for i in selected):
-            return False
-        lines = [rows[int(i)].split("\t") for i in sorted(int(i) for i in selected)]
-        table = ["\t".join(self.header) + "\n"] + ["\t".join(f[:-1]) + "\n" for f in lines]
-        counts = np.array([[int(v) for v in f[-1].split()] for f in lines], dtype=np.int64)
-        labels = np.array([int(f[1]) for f in lines], dtype=np.int64)
-        write_atomic(self.directory / RESULTS, table)
-        if not self.sequential:
-            write_atomic(self.directory / COUNTS, [format_counts(counts, labels)])
-        return True
+        return None if any(i not in rows for i in selected) else [rows[i] for i in sorted(selected)]
+
+    def write(self, name: str, lines: Sequence[str]) -> None:
+        write_atomic(self.directory / name, lines)

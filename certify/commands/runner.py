@@ -1,248 +1,277 @@
-"""``topk-smoothing certify``: certify a data split with a trained base classifier.
-
-The work runs through ``Trainer.predict`` (``certify.commands.task``): resumable, sharded over
-processes, merged by rank 0 into ``certify.tsv``, ``counts.txt`` and the report.
+"""``CertifyingTrainer``: a Lightning ``Trainer`` whose methods ``certify`` and ``predict`` are
+the commands (LightningCLI makes their typed signatures the options). Both load the weights,
+prepare (or resume) the output directory, print the start-up line and run ``SamplingTask``;
+their steps draw counts with ``SmoothedClassifier.sample_counts`` and decide with
+``certify.math`` (or ``certify_sequential``), so the counts are written next to the decisions.
 """
 
 from __future__ import annotations
 
-import time
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
+from jsonargparse.typing import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    OpenUnitInterval,
+    PositiveFloat,
+    PositiveInt,
+)
+from torch import nn
 
-from certify.commands.outputs import RESULTS, CertifyOutput, data_identity
-from certify.commands.report import write_report
-from certify.commands.sequential import sequential_metadata
-from certify.commands.settings import CertifySettingsError, check_settings
-from certify.commands.startup import default_output_dir, device_text, startup_line
+from certify.commands.countfile import format_counts, format_radius
+from certify.commands.outputs import RunOutput, data_identity
+from certify.commands.predict import predict
+from certify.commands.report import DEFAULT_RADII, log_to_wandb, write_report
 from certify.commands.task import (
     SamplingTask,
-    load_weights,
-    require_compiler,
-    select_examples,
+    check_options,
+    default_output_dir,
+    file_sha256,
+    safe,
     split_dataset,
 )
-from certify.math.radius import certified_radius
-from certify.math.validation import check_sigma, check_top_k, default_top_k
-
-
-class CertifyTask(SamplingTask):
-    """Certify ``selected`` examples of ``dataset`` (``SamplingTask``); ``options`` also hold
-    ``alpha``, ``top_k``, ``bounds`` and ``radii`` (the targets of a sequential run, with ``n``
-    its n_max; else None)."""
-
-    def examples_per_step(self) -> int:
-        if self.options.get("radii") is not None:  # sequential: small rounds, many examples
-            return 64
-        return super().examples_per_step()
-
-    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, labels, indices = batch  # (b, C, H, W), (b,), (b,)
-        opts, ids = self.options, indices.tolist()
-        start = time.perf_counter()
-        samples = None
-        if opts.get("radii") is not None:
-            cert = self.sample(
-                self.smoothed.certify_sequential, x, labels.cpu(), opts["top_k"], opts["radii"],
-                opts["n"], opts["alpha"], opts["batch_size"], opts["seed"], example_ids=ids,
-            )  # fmt: skip
-            counts, samples = cert.counts, cert.samples.tolist()  # (b, c), [b]
-            radii = cert.radius  # (b, K) the largest target certified
-        else:
-            counts = self.sample(
-                self.smoothed.sample_counts,
-                x,
-                opts["n"],
-                opts["batch_size"],
-                opts["seed"],
-                example_ids=ids,
-            ).cpu()  # (b, c)
-            radii = certified_radius(
-                counts, labels.cpu(), opts["top_k"], opts["sigma"], opts["alpha"], opts["bounds"]
-            )  # (b, K)
-        order = counts.argsort(dim=1, descending=True, stable=True)[:, : max(opts["top_k"])]
-        seconds = (time.perf_counter() - start) / len(ids)
-        rows = [
-            self.output.row(i, int(y), top.tolist(), r.tolist(), seconds, c.tolist(), m)
-            for i, y, top, r, c, m in zip(
-                ids, labels, order, radii, counts, samples or [None] * len(ids), strict=True
-            )
-        ]
-        self.output.append(self._fd, rows)
-        return radii
-
-    def finish(self) -> None:
-        finish(self.output, self.selected, self.trainer)
-
-
-def finish(output: CertifyOutput, selected: list[int], trainer: pl.Trainer | None) -> bool:
-    """Merge the parts, write the report and log it to W&B; False if examples are missing.
-
-    Prints the report's table and the sampling time per example (the ``seconds`` column).
-    """
-    if not output.merge(selected):
-        return False
-    result = write_report(output.directory / RESULTS)
-    if trainer is not None:
-        _log_to_wandb(trainer, result)
-    seconds = np.loadtxt(output.directory / RESULTS, skiprows=1, usecols=-1, ndmin=1)
-    print((result["output_dir"] / "report.md").read_text(), end="")
-    print(
-        f"certify: {len(selected)} examples, {seconds.mean():.3f} s each on average "
-        f"({seconds.sum():.1f} s in all); wrote {RESULTS}, "
-        f"{'' if output.sequential else 'counts.txt, '}report.md, report.csv "
-        f"and certified_accuracy.png to {output.directory}"
-    )
-    return True
-
-
-def _log_to_wandb(trainer: pl.Trainer, result: dict) -> None:
-    from pytorch_lightning.loggers import WandbLogger
-
-    loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
-    if not loggers:
-        return
-    import wandb
-
-    columns = ["k", *(f"r={r:g}" for r in result["radii"]), "acr"]
-    rows = [
-        [k, *np.asarray(result["accuracy"][i]).tolist(), float(result["acr"][i])]
-        for i, k in enumerate(result["top_k"])
-    ]
-    image = wandb.Image(str(result["output_dir"] / "certified_accuracy.png"))
-    for logger in loggers:
-        logger.experiment.log(
-            {"certify/table": wandb.Table(columns=columns, data=rows), "certify/curve": image}
-        )
+from certify.math import sequential as schedule
+from certify.math.validation import UsageError, check_radii, check_sigma, check_top_k, default_top_k
 
 
 class CertifyingTrainer(pl.Trainer):
-    """A Lightning ``Trainer`` with one more entry point, ``certify``."""
+    """A Lightning ``Trainer`` with ``certify`` and ``predict`` of the smoothed classifier
+    (``predict`` replaces ``Trainer.predict``, which still runs the work)."""
+
+    predict = predict
 
     def certify(
-        self,
-        model: pl.LightningModule,
-        datamodule: pl.LightningDataModule,
-        ckpt_path: str | None = None,
-        n: int = 100_000,
-        alpha: float = 0.001,
-        k: list[int] | None = None,
-        bounds: str = "simuem",
-        split: str = "test",
-        skip: int = 1,
-        max_examples: int | None = None,
-        batch_size: int | None = None,
-        seed: int = 0,
-        sigma: float | None = None,
-        output_dir: str | None = None,
-        channels_last: bool = False,
-        autocast: str | None = None,
-        compile: bool = False,
-        trust_checkpoint: bool = False,
-        sequential: bool = False,
-        radii: list[float] | None = None,
-    ) -> bool:
-        """Certify a data split with the smoothed classifier (resumable, sharded over devices).
+        self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None,
+        ckpt_path: str | None = None, trust_checkpoint: bool = False, n: PositiveInt = 100_000,
+        alpha: OpenUnitInterval = 0.001, k: PositiveInt | list[PositiveInt] | None = None,
+        bounds: Literal["simuem", "binocp"] = "simuem", split: Literal["test", "val"] = "test",
+        skip: PositiveInt = 1, max_examples: PositiveInt | None = None,
+        batch_size: PositiveInt | None = None, seed: NonNegativeInt = 0,
+        sigma: PositiveFloat | None = None, output_dir: str | None = None,
+        channels_last: bool = False, autocast: Literal["bf16", "fp16"] | None = None,
+        compile: bool = False, sequential: bool = False,
+        radii: list[NonNegativeFloat] | None = None,
+    ) -> bool:  # fmt: skip
+        """Certified top-k radii of the true labels of a data split (resumable, sharded).
 
         Args:
             model: the trained classifier (its ``net``, ``num_classes`` and ``sigma``).
             datamodule: provides the split.
             ckpt_path: our Lightning checkpoint or one of Cohen et al.'s released models.
-            n: noisy samples per example.
+            trust_checkpoint: load a checkpoint that holds pickled Python objects (their
+                loading can run any code: only for a file from a trusted source).
+            n: noisy samples per example (the most, with ``sequential``).
             alpha: failure probability of each certificate.
-            k: the k values (default 1, 3, 5 below the number of classes).
+            k: one k (``3``) or several (``[1,3,5]``); default: 1, 3, 5 below the class count.
             bounds: ``simuem`` or ``binocp``.
             split: ``test`` or ``val``.
-            skip: certify every ``skip``-th example of the split (the papers use 20).
+            skip: every ``skip``-th example of the split (the papers use 20).
             max_examples: at most this many examples (after ``skip``).
             batch_size: noisy samples per forward pass (default: the sampler's choice).
             seed: base seed of the noise; each example's stream is keyed by its index.
             sigma: noise level (default: the model's training sigma).
             output_dir: where certify.tsv, counts.txt and the report go (default:
-                ``runs/certify/<checkpoint>_<split>_n<n>_sigma<sigma>_k<k>``, one per run;
-                ``<checkpoint>`` is its run, file name and the start of its sha256).
-            channels_last: lay noisy batches out channels-last (faster for 3-channel conv
-                nets on CPUs and with bf16 on GPUs; other noise layout, so other counts).
-            autocast: run the base classifier's forward pass in ``bf16`` or ``fp16`` (the
-                noise stays float32; other numerics, so other counts). The certificates hold
-                for the classifier as it runs, in that precision.
+                ``runs/certify/<checkpoint>_<split>_n<n>_sigma<sigma>_k<k>``).
+            channels_last: lay noisy batches out channels-last (other noise layout, so other
+                counts; faster for 3-channel conv nets on CPUs and with bf16 on GPUs).
+            autocast: the base classifier's forward pass in ``bf16`` or ``fp16`` (the noise
+                stays float32); the certificates hold for the classifier as it runs.
             compile: ``torch.compile`` the base classifier (compiles on the first batches).
-                With ``autocast bf16`` and ``channels_last`` on a GPU: 3.6x the original
-                loop's throughput for a CIFAR ResNet-20 (``docs/performance.md``).
-            trust_checkpoint: load a checkpoint that holds pickled Python objects (their
-                loading can run any code: only for a file from a trusted source).
-            sequential: sample each example in growing rounds and stop once every k is
-                decided at every radius of ``radii`` (``docs/sequential.md``); ``n`` is then
-                the most samples an example gets, and ``certify.tsv`` has their number.
-            radii: the target radii of ``sequential`` (default: the report's radii 0 .. 2).
+            sequential: sample each example in growing rounds until every k is decided at
+                every radius of ``radii`` (``docs/sequential.md``); ``certify.tsv`` gets the
+                samples drawn, and no ``counts.txt`` is written (stopped counts).
+            radii: the targets of ``sequential``, e.g. ``[0.25,0.5]`` (default: 0 .. 2).
 
         Returns:
             True when every selected example is certified and the report is written.
         """
-        check_settings(
-            n, alpha, bounds, split, skip, max_examples, batch_size, sigma, autocast,
-            seed=seed, k=k, output_dir=output_dir, sequential=sequential, radii=radii,
-        )  # fmt: skip
-        num_classes = int(model.num_classes)
-        try:
-            sigma = check_sigma(float(model.sigma) if sigma is None else sigma)
-            top_k = check_top_k(k if k is not None else default_top_k(num_classes), num_classes)
-        except ValueError as err:
-            raise CertifySettingsError(str(err)) from None
-        arch = getattr(model, "hparams", {}).get("arch")
-        weights, sha256 = load_weights(model, ckpt_path, trust_checkpoint)
-        if output_dir is None:
-            targets = {"seq": radii or "default"} if sequential else {}  # its own directory
-            output_dir = default_output_dir(
-                "certify", weights.name, split, n=n, sigma=sigma, k=top_k, **targets
+        check_options(model, datamodule, alpha, seed, sigma, output_dir)
+        if radii is not None and not sequential:
+            raise UsageError(
+                "--radii sets the targets of --sequential true; a fixed-n run certifies every "
+                "radius (choose the report's radii with `topk-smoothing report --radii`)"
             )
-        dataset = split_dataset(datamodule, split)
-        selected = select_examples(len(dataset), skip, max_examples)
-        require_compiler(compile, self.strategy.root_device)
-        metadata = {
-            "n": n, "alpha": alpha, "sigma": sigma, "bounds": bounds, "top_k": list(top_k),
-            "split": split, "skip": skip, "max_examples": max_examples, "seed": seed,
-            "num_classes": num_classes, "examples": len(selected), "arch": arch,
-            "checkpoint_sha256": sha256,
-            "channels_last": bool(channels_last), "data": data_identity(datamodule),
-            "noise_device": self.strategy.root_device.type,
-            "noise_purpose": "certify",
-        }  # fmt: skip
+        if sequential and bounds != "simuem":
+            raise UsageError(
+                "--sequential true bounds with simuem (Clopper-Pearson per label), got bounds "
+                f"{bounds!r}"
+            )
+        targets = check_radii(DEFAULT_RADII if radii is None else radii) if sequential else None
+        classes = int(model.num_classes)
+        top_k = check_top_k(default_top_k(classes) if k is None else k, classes)
+        who, meta = self._load(model, ckpt_path, trust_checkpoint, sigma, compile)
+        sigma, dataset = meta["sigma"], split_dataset(datamodule, split)
+        meta.update(n=n, alpha=alpha, bounds=bounds, top_k=list(top_k), split=split,
+                    data=data_identity(datamodule), noise_purpose="certify")  # fmt: skip
         if autocast is not None or compile:  # recorded when on, as since they were added
-            metadata.update(autocast=autocast, compile=bool(compile))
-        targets = None
+            meta.update(autocast=autocast, compile=compile)
         if sequential:  # n is n_max; the targets and the schedule's settings are recorded
-            metadata, targets = sequential_metadata(metadata, radii)
-        output = CertifyOutput(output_dir, metadata, top_k)
-        output.prepare()
-        finished = output.read_parts()
-        done = sum(i in finished for i in selected)
-        if self.is_global_zero:
-            print(startup_line(
-                "certify", weights=weights, arch=arch, sigma=sigma, net=model.net,
-                device=device_text(self),
-                settings=dict(n=n, alpha=alpha, k=top_k, bounds=bounds, split=split,
-                              examples=len(selected)),
-                options=dict(batch_size=batch_size or "tuned", seed=seed,
-                             channels_last=bool(channels_last), autocast=autocast,
-                             compile=bool(compile)),
-            ), flush=True)  # fmt: skip
-            total, where = len(selected), output.directory
-            if done == total:
-                print(f"certify: all {total} examples are already in {where}; merging")
-            elif done:
-                print(f"certify: {done} of {total} examples already in {where}, resuming")
-            else:
-                print(f"certify: {total} examples, n = {n}, into {where}")
+            spending = f"{schedule.DEFAULT_LAST_SHARE:g} of alpha at the last look, the rest evenly"
+            meta.update(mode="sequential", n_max=meta.pop("n"), radii=list(targets),
+                        first=schedule.DEFAULT_FIRST, growth=schedule.DEFAULT_GROWTH,
+                        futility=schedule.DEFAULT_FUTILITY, spending=spending)  # fmt: skip
+        seq = {"seq": radii or "default"} if sequential else {}  # its own default directory
+        where = default_output_dir("certify", who["name"], split, n=n, sigma=sigma, k=top_k, **seq)
+        header = ["idx", "label", *(f"pred{i + 1}" for i in range(max(top_k)))]
+        header += [*(f"radius_top{k}" for k in top_k), *["samples"][: int(sequential)], "seconds"]
+        output = RunOutput(output_dir or where, "certify.json", meta, header)
+
+        def step(smoothed, x, labels, ids):  # x (b, C, H, W), labels (b,)
             if sequential:
-                print(f"certify: sequential, at most n = {n} samples per example, radii {targets}")
-        if done == len(selected):
-            return finish(output, selected, self)
-        options = dict(n=n, alpha=alpha, top_k=top_k, bounds=bounds, sigma=sigma, seed=seed,
-                       batch_size=batch_size, channels_last=bool(channels_last),
-                       autocast=autocast, compile=bool(compile), radii=targets)  # fmt: skip
-        task = CertifyTask(model.net, num_classes, dataset, selected, output, options)
-        self.predict(task, return_predictions=False)
-        return (output.directory / RESULTS).is_file()
+                cert = smoothed.certify_sequential(
+                    x, labels, top_k, targets, n, alpha, batch_size, seed, example_ids=ids
+                )
+                counts, certified = cert.counts, cert.radius  # (b, c), (b, K)
+                extra = [[s] for s in cert.samples.tolist()]
+            else:
+                certified, counts = smoothed.certify(
+                    x, labels, top_k, n, alpha, bounds, batch_size, seed, ids, return_counts=True
+                )  # (b, K), (b, c)
+                extra = [[]] * len(ids)
+            order = counts.argsort(dim=1, descending=True, stable=True)[:, : max(top_k)]
+            rows = zip(ids, labels.tolist(), order.tolist(), certified.tolist(), extra, strict=True)
+            return [
+                ([i, y, *top, *map(format_radius, r), *e], c)
+                for (i, y, top, r, e), c in zip(rows, counts.tolist(), strict=True)
+            ]
+
+        def finish(rows: list[list[str]]) -> None:  # the part lines' fields, by index
+            output.write(
+                "certify.tsv", ["\t".join(f) + "\n" for f in [header, *(f[:-1] for f in rows)]]
+            )
+            if not sequential:  # stopped counts would give `radius` no certificate
+                counts = np.array([f[-1].split() for f in rows], dtype=np.int64)  # (N, c)
+                labels = np.array([f[1] for f in rows], dtype=np.int64)  # (N,)
+                output.write("counts.txt", [format_counts(counts, labels)])
+            log_to_wandb(self.loggers, write_report(output.directory / "certify.tsv"))
+            seconds = np.array([float(f[-2]) for f in rows])  # (N,)
+            print((output.directory / "report.md").read_text(), end="")
+            print(
+                f"certify: {len(rows)} examples, {seconds.mean():.3f} s each on average "
+                f"({seconds.sum():.1f} s in all); wrote certify.tsv, "
+                f"{'' if sequential else 'counts.txt, '}report.md, report.csv "
+                f"and certified_accuracy.png to {output.directory}"
+            )
+
+        if self.is_global_zero and sequential:
+            print(f"certify: sequential, at most n = {n} samples per example, radii {targets}")
+        per_step = 64 if sequential else max(1, min(64, (batch_size or 2048) // n))
+        self._sample(
+            model, who, skip, max_examples, f"n = {n}",
+            SamplingTask("certify", output, dataset, step, finish, per_step, batch_size),
+            dict(n=n, alpha=alpha, k=top_k, bounds=bounds, split=split),
+            dict(batch_size=batch_size, seed=seed, channels_last=channels_last,
+                 autocast=autocast, compile=compile),
+        )  # fmt: skip
+        return (output.directory / "certify.tsv").is_file()
+
+    def _load(self, model, ckpt_path, trust: bool, sigma, compile: bool) -> tuple[dict, dict]:
+        """Load the weights into ``model.net``: ``who`` (the start-up line's ``description``,
+        the default directory's ``name``, the ``trained`` sigma or None) and the settings they
+        fix. Random initial weights are refused; so is ``compile`` where it cannot build code."""
+        from certify.commands.checkpoints import load_network_weights
+        from certify.sampling.options import check_compile
+
+        hparams = getattr(model, "hparams", {})
+        pretrained = hparams.get("weights")
+        if ckpt_path is None and pretrained is None:
+            raise UsageError(
+                "no --ckpt_path and no --model.weights: the network has its random initial "
+                "weights; pass a checkpoint (--ckpt_path) or pretrained weights (--model.weights)"
+            )
+        kind = sha256 = None
+        if ckpt_path is None:
+            description = f"none (pretrained weights {pretrained})"
+            name = Path(str(pretrained)).name.split(".")[0]
+        else:
+            kind = load_network_weights(model.net, ckpt_path, hparams.get("arch"), trust)
+            sha256, path = file_sha256(ckpt_path), Path(ckpt_path)
+            fmt = {"lightning": "Lightning", "cohen": "Cohen et al.'s format"}.get(kind, kind)
+            description = f"{ckpt_path} ({fmt}, sha256 {sha256[:12]})"
+            name = path.name.split(".")[0] or path.name
+            if path.parent.name == "checkpoints":  # runs/<run>/checkpoints/<file>
+                name = f"{path.parent.parent.name}-{name}"
+            name += f"-{sha256[:8]}"
+        if compile:
+            try:
+                check_compile(self.strategy.root_device)
+            except ValueError as err:
+                raise UsageError(str(err)) from None
+        # Our Lightning checkpoints carry the training sigma; Cohen et al.'s files and
+        # pretrained weights do not.
+        trained = float(model.sigma) if kind == "lightning" else None
+        who = dict(description=description, name=safe(name) or "weights", trained=trained)
+        meta = {
+            "sigma": check_sigma(float(model.sigma) if sigma is None else sigma),
+            "num_classes": int(model.num_classes), "arch": hparams.get("arch"),
+            "checkpoint_sha256": sha256, "noise_device": self.strategy.root_device.type,
+        }  # fmt: skip
+        return who, meta
+
+    def _sample(self, model, who: dict, skip: int, max_examples: int | None, sizes: str,
+                task: SamplingTask, settings: dict, sampler: dict) -> None:  # fmt: skip
+        """Prepare (or resume) ``task.output`` for every ``skip``-th example (at most
+        ``max_examples``), print the start-up line (all a certificate is about, so a wrong
+        sigma or normalisation shows before any sampling), sample what is missing, merge."""
+        task.selected = list(range(0, len(task.dataset), skip))[:max_examples]
+        total, meta, where = len(task.selected), task.output.metadata, task.output.directory
+        meta.update(skip=skip, max_examples=max_examples, seed=sampler["seed"], examples=total,
+                    channels_last=sampler["channels_last"])  # fmt: skip
+        task.output.prepare()
+        done = sum(i in task.output.read_parts() for i in task.selected)
+        if self.is_global_zero:
+            sigma, trained = meta["sigma"], who["trained"]
+            trained = (
+                "the weights do not record a training sigma" if trained is None
+                else "as trained" if abs(trained - sigma) <= 1e-12 * max(1.0, sigma)
+                else f"NOT the training sigma {trained:g}"
+            )  # fmt: skip
+            device = self.strategy.root_device
+            if self.world_size > 1:
+                device = f"{device.type} x {self.world_size} processes"
+            settings = dict(settings, examples=total)
+            options = dict(sampler, batch_size=sampler["batch_size"] or "tuned")
+            settings, options = (
+                ", ".join(f"{key} {_text(value)}" for key, value in values.items())
+                for values in (settings, options)
+            )
+            print(
+                f"{task.command}: checkpoint {who['description']}; arch {meta['arch'] or 'unknown'}"
+                f"; sigma {sigma:g} ({trained}); normalisation {normalisation(model.net)}; "
+                f"{settings}; device {device}; {options}",
+                flush=True,
+            )
+            if done == total:
+                print(f"{task.command}: all {total} examples are already in {where}; merging")
+            elif done:
+                print(f"{task.command}: {done} of {total} examples already in {where}, resuming")
+            else:
+                print(f"{task.command}: {total} examples, {sizes}, into {where}")
+        if done == total:
+            if self.is_global_zero:
+                task.merge()
+            return
+
+        task.net = model.net
+        pl.Trainer.predict(self, task, return_predictions=False)
+
+
+def normalisation(net: nn.Module) -> str:
+    """``mean (...) std (...)`` of the network's first module, or what stands there instead."""
+    first = net[0] if isinstance(net, nn.Sequential) and len(net) else None
+    mean, std = getattr(first, "mean", None), getattr(first, "std", None)
+    if mean is None or std is None:
+        return f"none as first module ({type(first or net).__name__})"
+    return " ".join(
+        f"{name} ({', '.join(f'{v:.4g}' for v in t.flatten().tolist())})"
+        for name, t in (("mean", mean), ("std", std))
+    )
+
+
+def _text(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return str(value).lower() if isinstance(value, bool) or value is None else str(value)

@@ -1,11 +1,9 @@
-"""The sampling work of ``certify`` and ``predict``, run through ``Trainer.predict``.
+"""The sampling work of ``certify`` and ``predict``, run through Lightning's predict loop.
 
 Lightning launches the processes (``--trainer.devices N``, ``--trainer.num_nodes M``) and
-shards the pending examples across them without repeats; each process appends its rows to its
-own part file as examples finish, and rank 0 merges them, sorted by dataset index, into the
-command's files. ``SamplingTask`` holds what both commands share: the pending examples, the
-part file, SIGTERM between batches, one ``SmoothedClassifier`` for the run and the one-line
-refusal of a batch size beyond memory.
+shards the pending examples across them; each process appends its rows to its own part file as
+examples finish, and rank 0 merges them into the command's files (``SamplingTask``). Also the
+checks and defaults both commands share.
 """
 
 from __future__ import annotations
@@ -15,6 +13,8 @@ import os
 import re
 import signal
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -22,43 +22,46 @@ import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Dataset
 
-from certify.commands.settings import CertifySettingsError
-from certify.commands.startup import Weights
-from certify.sampling.options import check_autocast, check_compile
-from certify.sampling.smoothing import DEFAULT_BATCH_SIZE, SmoothedClassifier
+from certify.commands.outputs import RunOutput, part_line
+from certify.math.validation import UsageError, check_alpha, check_seed, check_sigma
+from certify.sampling.smoothing import SmoothedClassifier
+
+AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_")
 
 
-def select_examples(size: int, skip: int, max_examples: int | None) -> list[int]:
-    """Every ``skip``-th index from 0 (the papers' every-20th image), at most ``max_examples``."""
-    indices = list(range(0, size, skip))
-    return indices if max_examples is None else indices[:max_examples]
+def default_output_dir(command: str, weights: str, what: str, **settings) -> Path:
+    """``runs/<command>/<weights>_<what>_<key><value>...`` (``n0-100`` for a key ending in a digit).
+
+    Example:
+        >>> str(default_output_dir("certify", "w", "test", n=10, sigma=0.25, k=(1, 3)))
+        'runs/certify/w_test_n10_sigma0.25_k1-3'
+    """
+    parts = [weights, safe(what)]
+    for key, value in settings.items():
+        if isinstance(value, (list, tuple)):
+            value = "-".join(map(str, value))
+        elif isinstance(value, float):
+            value = f"{value:g}"
+        parts.append(f"{key}-{value}" if key[-1].isdigit() else f"{key}{value}")
+    return Path("runs", command, "_".join(parts))
 
 
-def load_weights(model: pl.LightningModule, ckpt_path: str | None, trust: bool):
-    """Load ``ckpt_path`` into ``model.net`` (our Lightning checkpoint or one of Cohen et al.'s
-    models); ``(Weights, the checkpoint's sha256 or None)``. A network left with its random
-    initial weights (no checkpoint, no ``--model.weights``) is refused."""
-    from certify.commands.checkpoints import load_network_weights
-
-    hparams = getattr(model, "hparams", {})
-    if ckpt_path is None and hparams.get("weights") is None:
-        raise CertifySettingsError(
-            "no --ckpt_path and no --model.weights: the network has its random initial "
-            "weights; pass a checkpoint (--ckpt_path) or pretrained weights (--model.weights)"
-        )
-    kind = sha256 = None
-    if ckpt_path is not None:
-        kind = load_network_weights(model.net, ckpt_path, hparams.get("arch"), trust)
-        sha256 = file_sha256(ckpt_path)
-    return Weights.of(model, ckpt_path, kind, sha256), sha256
+def check_options(model, datamodule, alpha, seed, sigma, output_dir) -> None:
+    """What the option types of ``certify`` and ``predict`` cannot say."""
+    check_alpha(alpha)  # at least MIN_ALPHA
+    check_seed(seed)  # below 2**64
+    if sigma is not None:
+        check_sigma(sigma)  # finite
+    if output_dir is not None and not str(output_dir).strip():
+        raise UsageError(f"output_dir must name a directory, got {output_dir!r}")
+    if datamodule is None:
+        raise UsageError("no datamodule: pass --data (or a config with one)")
+    if getattr(model, "net", None) is None:
+        raise UsageError(f"the model {type(model).__name__} has no `net` to smooth")
 
 
 def split_dataset(datamodule: pl.LightningDataModule, split: str) -> Dataset:
@@ -66,72 +69,60 @@ def split_dataset(datamodule: pl.LightningDataModule, split: str) -> Dataset:
     datamodule.setup("test" if split == "test" else "validate")
     dataset = getattr(datamodule, f"{split}_dataset", None)
     if dataset is None or len(dataset) == 0:
-        raise CertifySettingsError(f"the datamodule has no {split} examples")
+        raise UsageError(f"the datamodule has no {split} examples")
     return dataset
 
 
-def require_compiler(compile: bool, device: torch.device) -> None:
-    """With ``compile`` on, a missing compiler is one line now, before anything is written."""
-    if compile:
-        try:
-            check_compile(device)
-        except ValueError as err:
-            raise CertifySettingsError(str(err)) from None
-
-
-class _Examples(Dataset):
-    """The pending examples: ``(image, label, dataset index)``."""
-
-    def __init__(self, dataset, indices: list[int]) -> None:
-        self.dataset, self.indices = dataset, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        image, label = self.dataset[self.indices[i]][:2]
-        return torch.as_tensor(image), int(label), self.indices[i]
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class SamplingTask(pl.LightningModule):
-    """Sample ``selected`` examples of ``dataset`` with the smoothed ``net``; subclasses write
-    the rows (``predict_step``) and merge them (``finish``).
+    """One run of ``command``: ``step(smoothed, x (b, C, H, W), labels (b,), ids)`` (per
+    example: the part line's fields and its counts) on the examples of ``dataset`` in
+    ``selected`` that no part file of ``output`` holds yet, ``per_step`` at a time, with the
+    smoothed classifier of ``net`` and ``output.metadata``; rank 0's ``finish`` writes the
+    command's files from the merged rows. ``batch_size``: the ``--batch_size``, for messages."""
 
-    Args:
-        net: base classifier on [0, 1] pixels.
-        num_classes: number of labels.
-        dataset: the split (items ``(image, label, ...)``).
-        selected: dataset indices to process.
-        output: the output directory (already prepared).
-        options: ``n``, ``sigma``, ``seed``, ``batch_size``, ``channels_last``, ``autocast``
-            (``"bf16"``, ``"fp16"`` or None), ``compile`` and the command's own settings.
-    """
-
-    command = "certify"  #: the command's name in messages
-
-    def __init__(self, net, num_classes, dataset, selected, output, options) -> None:
+    def __init__(self, command: str, output: RunOutput, dataset: Dataset, step: Callable,
+                 finish: Callable, per_step: int, batch_size: int | None) -> None:  # fmt: skip
         super().__init__()
-        self.net, self.num_classes = net, num_classes
-        self.dataset, self.selected, self.output, self.options = dataset, selected, output, options
-        self.pending: list[int] = []
+        self.command, self.output, self.dataset, self.step = command, output, dataset, step
+        self.finish, self.per_step, self.batch_size = finish, per_step, batch_size
+        self.selected: list[int] = []
         self._fd: int | None = None
-        self._smoothed: SmoothedClassifier | None = None
+
+    def merge(self) -> None:
+        """Write the command's files if every selected example has its row."""
+        rows = self.output.merged(self.selected)
+        if rows is not None:
+            self.finish(rows)
 
     def setup(self, stage: str) -> None:
         done = self.output.read_parts()
         self.pending = [i for i in self.selected if i not in done]
 
-    def examples_per_step(self) -> int:
-        sampler_batch = self.options["batch_size"] or DEFAULT_BATCH_SIZE
-        return max(1, min(64, sampler_batch // self.options["n"]))
+    def load(self, indices: list[int]):
+        """A batch of pending examples: ``(x (b, C, H, W), labels (b,), indices)``."""
+        items = [self.dataset[i][:2] for i in indices]
+        x = torch.stack([torch.as_tensor(image) for image, _ in items])
+        return x, torch.tensor([int(label) for _, label in items]), list(indices)
 
     def predict_dataloader(self) -> DataLoader:
-        examples = _Examples(self.dataset, self.pending)
-        return DataLoader(examples, batch_size=self.examples_per_step(), shuffle=False)
+        return DataLoader(self.pending, batch_size=self.per_step, collate_fn=self.load)
 
     def on_predict_start(self) -> None:
-        self.trainer.strategy.barrier(f"{self.command}-open")  # everyone has read the parts
+        self.trainer.strategy.barrier(f"{self.command}-open")  # everyone read the parts
         self._fd = self.output.open_part(self.global_rank)
+        meta = self.output.metadata  # `net` is on its device now
+        self.smoothed = SmoothedClassifier(
+            self.net, meta["num_classes"], meta["sigma"], AUTOCAST[meta.get("autocast")],
+            channels_last=meta["channels_last"], compile=meta.get("compile", False),
+        )  # fmt: skip
 
     def on_predict_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         # Lightning's predict loop notes a SIGTERM (e.g. from `timeout` or a scheduler) but
@@ -139,40 +130,31 @@ class SamplingTask(pl.LightningModule):
         if self.trainer.received_sigterm:
             if self.global_rank == 0:
                 print(
-                    f"{self.command}: stopped by SIGTERM; the finished examples are kept in "
-                    f"{self.output.directory}, rerun the same command to continue",
+                    f"{self.command}: stopped by SIGTERM; the finished examples are kept "
+                    f"in {self.output.directory}, rerun the same command to continue",
                     file=sys.stderr,
                     flush=True,
                 )
             raise SIGTERMException(128 + signal.SIGTERM)
 
-    @property
-    def smoothed(self) -> SmoothedClassifier:
-        """The run's smoothed classifier: compiled once, its batch size tuned once."""
-        if self._smoothed is None:
-            opts = self.options
-            self._smoothed = SmoothedClassifier(
-                self.net, self.num_classes, opts["sigma"],
-                autocast_dtype=check_autocast(opts["autocast"]),
-                channels_last=opts["channels_last"], compile=opts["compile"],
-            )  # fmt: skip
-        return self._smoothed
-
-    def sample(self, fn, *args, **kwargs):
-        """``fn(*args, **kwargs)`` (a sampling call); a batch beyond memory is one line."""
+    def predict_step(self, batch, batch_idx: int) -> int:
+        x, labels, indices = batch  # (b, C, H, W), (b,), [b]
+        start = time.perf_counter()
         try:
-            return fn(*args, **kwargs)
+            rows = self.step(self.smoothed, x, labels, indices)
         except RuntimeError as err:  # torch.OutOfMemoryError, or the CPU allocator's refusal
             text = str(err)
             if not isinstance(err, torch.OutOfMemoryError) and "allocate memory" not in text:
                 raise
-            size = self.options["batch_size"] or "(tuned)"
             tried = re.search(r"tried to allocate [\d.]+ ?\w+", text, re.IGNORECASE)
-            raise CertifySettingsError(
-                f"batch_size {size} does not fit in memory ("
+            raise UsageError(
+                f"batch_size {self.batch_size or '(tuned)'} does not fit in memory ("
                 f"{tried.group(0) if tried else text.splitlines()[0][:120]}); choose a smaller "
                 "--batch_size, or leave it out to have one tuned"
             ) from None
+        seconds = (time.perf_counter() - start) / len(rows)
+        self.output.append(self._fd, [part_line(f, seconds, c) for f, c in rows])
+        return len(rows)
 
     def on_predict_end(self) -> None:
         if self._fd is not None:
@@ -180,7 +162,4 @@ class SamplingTask(pl.LightningModule):
             self._fd = None
         self.trainer.strategy.barrier(f"{self.command}-merge")
         if self.global_rank == 0:
-            self.finish()
-
-    def finish(self) -> None:
-        raise NotImplementedError
+            self.merge()

@@ -1,14 +1,8 @@
 """Theorem 1 of Jia et al. (ICLR 2020): the certified top-k radius of a label.
 
-Given a lower bound ``pl`` of the label's probability and upper bounds ``u_i`` of the others,
-the label stays in the top-k of the smoothed classifier within the l2 radius
-
-    R = max_t R_t,   Phi(Phi^-1(pl) - R/sigma) = Phi(Phi^-1(P_t) + R/sigma) / t,
-
-where ``P_t`` is the sum of the ``t`` smallest of the ``k`` largest clipped upper bounds
-(capped at ``1 - pl``). Each ``R_t`` is found exactly (closed form for ``t = 1``, otherwise a
-safeguarded Newton iteration on the log form of the equation, to ~1e-13), vectorised over
-examples, ``k`` and ``t``.
+Each ``R_t`` of the theorem is found exactly (closed form for ``t = 1``, else a safeguarded
+Newton iteration on its log form, to ~1e-13), vectorised over examples, k and t; the statement
+and its bounds are in ``docs/topk-certification.md``, "Theorem 1".
 """
 
 from __future__ import annotations
@@ -19,8 +13,9 @@ import numpy as np
 import torch
 from scipy.special import log_ndtr, ndtri
 
-from certify.math.bounds import _lower, _unique_apply, _upper
+from certify.math.bounds import _lower, _upper
 from certify.math.validation import (
+    UsageError,
     check_alpha,
     check_bounds,
     check_counts,
@@ -33,16 +28,13 @@ from certify.math.validation import (
 _LOG_SQRT_2PI = 0.5 * np.log(2.0 * np.pi)
 
 
-def _log_mills(y: np.ndarray) -> np.ndarray:
-    """log(phi(y) / Phi(y)), accurate in both tails."""
+def _log_mills(y: np.ndarray) -> np.ndarray:  # log(phi(y) / Phi(y)), in both tails
     return -0.5 * y * y - _LOG_SQRT_2PI - log_ndtr(y)
 
 
 def _solve_t(z_l: np.ndarray, z_t: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """Root x >= 0 of log Phi(z_l - x) - log Phi(z_t + x) + log t = 0 (finite inputs, g(0) > 0).
-
-    The left side decreases strictly in x; the root lies in [0, z_l - Phi^-1(Phi(z_t) / t)].
-    """
+    """Root x >= 0 of g(x) = log Phi(z_l - x) - log Phi(z_t + x) + log t (finite inputs,
+    g(0) > 0); g decreases strictly, the root lies in [0, z_l - Phi^-1(Phi(z_t) / t)]."""
     log_t = np.log(t)
     lo = np.zeros_like(z_l)
     hi = z_l - ndtri(np.exp(log_ndtr(z_t) - log_t))
@@ -56,8 +48,7 @@ def _solve_t(z_l: np.ndarray, z_t: np.ndarray, t: np.ndarray) -> np.ndarray:
         dg = -np.exp(_log_mills(zl - xs)) - np.exp(_log_mills(zt + xs))
         lo_s = np.where(g > 0, xs, lo[todo])
         hi_s = np.where(g > 0, hi[todo], xs)
-        step = np.where(dg < 0, g / dg, 0.0)
-        new = xs - step
+        new = xs - np.where(dg < 0, g / dg, 0.0)
         outside = (new < lo_s) | (new > hi_s) | (dg >= 0)
         new = np.where(outside, 0.5 * (lo_s + hi_s), new)
         new = np.where(g == 0, xs, new)  # landed on the root exactly
@@ -94,13 +85,10 @@ def _radius_from_sorted_uppers(
     finite = certified & ~unbounded
     x[finite] = _solve_t(z_l[finite], z_t[finite], t[finite])
 
-    radius = np.full((p_lower.shape[0], len(top_k)), -np.inf)
-    for j in range(len(top_k)):
-        radius[:, j] = x[:, group == j].max(axis=1)
+    radius = np.stack([x[:, group == j].max(axis=1) for j in range(len(top_k))], axis=1)
     with np.errstate(over="ignore"):
         scaled = radius * sigma
-    # A finite radius beyond float64 (sigma near 1e308) is stated as the largest float, a
-    # true certificate, never as infinity.
+    # A finite radius beyond float64 (sigma near 1e308) is the largest float, never infinity.
     scaled[np.isinf(scaled) & np.isfinite(radius)] = np.finfo(np.float64).max
     scaled[np.isneginf(radius)] = np.nan
     return scaled
@@ -111,6 +99,12 @@ def _top_uppers_excluding(values: np.ndarray, labels: np.ndarray, k: int) -> np.
     masked = torch.from_numpy(np.array(values, copy=True))
     masked[torch.arange(masked.shape[0]), torch.from_numpy(labels)] = -1
     return masked.topk(k, dim=1).values.numpy()  # (B, k)
+
+
+def _radius(p_lower: np.ndarray, upper: np.ndarray, labels: np.ndarray, top_k, sigma: float):
+    """``radius_from_bounds`` without its checks: radii ``(B, K)`` from ``(B,)``, ``(B, c)``."""
+    uppers = _top_uppers_excluding(upper, labels, max(top_k))  # (B, max k) descending
+    return _radius_from_sorted_uppers(p_lower, uppers, top_k, sigma)
 
 
 def radius_from_bounds(
@@ -129,23 +123,16 @@ def radius_from_bounds(
     Returns:
         float64 ``(B, len(top_k))`` radii; NaN where the label is not certified, ``inf``
         where nothing bounds it (``p_lower == 1`` or the other labels have probability 0).
-
-    Example:
-        >>> r = radius_from_bounds([0.8], [[0.8, 0.15, 0.05]], [0], top_k=[1, 2], sigma=1.0)
-        >>> [round(v, 4) for v in r[0].tolist()]
-        [0.939, 1.2723]
     """
     upper = np.asarray(to_numpy(upper), dtype=np.float64)
     p_lower = np.asarray(to_numpy(p_lower), dtype=np.float64)
     if upper.ndim != 2 or p_lower.shape != (upper.shape[0],):
-        raise ValueError(
+        raise UsageError(
             f"p_lower must be (B,) and upper (B, c), got {p_lower.shape} and {upper.shape}"
         )
     top_k = check_top_k(top_k, upper.shape[1])
     labels = check_labels(labels, upper.shape[0], upper.shape[1])
-    sigma = check_sigma(sigma)
-    uppers = _top_uppers_excluding(upper, labels, max(top_k))
-    return torch.from_numpy(_radius_from_sorted_uppers(p_lower, uppers, top_k, sigma))
+    return torch.from_numpy(_radius(p_lower, upper, labels, top_k, check_sigma(sigma)))
 
 
 def certified_radius(
@@ -158,20 +145,19 @@ def certified_radius(
 ) -> torch.Tensor:
     """Certified top-k radius of ``labels`` from Monte Carlo counts (CERTIFY of the paper).
 
+    With probability at least ``1 - alpha``, each label stays in the smoothed top-k within
+    its radius.
+
     Args:
-        counts: ``(B, c)`` integer counts of the base classifier's predictions on noisy
-            copies of each input (row sums are the sample sizes n).
-        labels: ``(B,)`` the label to certify for each row (the true label when measuring
-            certified accuracy).
+        counts: ``(B, c)`` integer counts of the base classifier on noisy copies of each input.
+        labels: ``(B,)`` the label to certify for each row.
         top_k: one k or a sequence; each must satisfy ``1 <= k < c``.
         sigma: the noise level the counts were sampled with.
         alpha: the probability that a returned radius is wrong.
-        bounds: ``"simuem"`` (simultaneous Clopper-Pearson bounds, Bonferroni over c labels)
-            or ``"binocp"`` (one Clopper-Pearson lower bound for the label).
+        bounds: ``"simuem"`` or ``"binocp"`` (``docs/topk-certification.md``).
 
     Returns:
-        float64 tensor ``(B, len(top_k))``: the radius for every requested k, NaN where the
-        label is not certified (abstain).
+        float64 tensor ``(B, len(top_k))``, NaN where the label is not certified (abstain).
 
     Example:
         >>> counts = [[2, 2, 334, 93642, 2, 5279, 737, 0, 2, 0]]
@@ -183,18 +169,16 @@ def certified_radius(
     batch, num_classes = counts.shape
     labels = check_labels(labels, batch, num_classes)
     top_k = check_top_k(top_k, num_classes)
-    sigma = check_sigma(sigma)
-    alpha = check_alpha(alpha)
-    bounds = check_bounds(bounds)
+    sigma, alpha, bounds = check_sigma(sigma), check_alpha(alpha), check_bounds(bounds)
     kmax = max(top_k)
     n = counts.sum(axis=1)  # (B,)
     n_label = counts[np.arange(batch), labels]  # (B,)
     if bounds == "simuem":
         level = alpha / num_classes
-        p_lower = _unique_apply(lambda k, m: _lower(k, m, level), n_label, n)
+        p_lower = _lower(n_label, n, level)  # (B,)
         top_counts = _top_uppers_excluding(counts, labels, kmax)  # (B, K) descending
-        uppers = _unique_apply(lambda k, m: _upper(k, m, level), top_counts, n[:, None])
+        uppers = _upper(top_counts, n[:, None], level)  # (B, K)
     else:
-        p_lower = _unique_apply(lambda k, m: _lower(k, m, alpha), n_label, n)
-        uppers = np.repeat((1.0 - p_lower)[:, None], kmax, axis=1)
+        p_lower = _lower(n_label, n, alpha)  # (B,)
+        uppers = np.repeat((1.0 - p_lower)[:, None], kmax, axis=1)  # (B, K)
     return torch.from_numpy(_radius_from_sorted_uppers(p_lower, uppers, top_k, sigma))

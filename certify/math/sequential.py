@@ -1,21 +1,8 @@
 """Sequential top-k certification: the certificates of CERTIFY from fewer samples.
 
-An input is sampled in growing rounds. After each round (a *look*) every label gets a
-one-sided Clopper-Pearson bound on its probability from all the samples drawn so far; the
-label to certify a lower bound, every other label an upper bound, each at level
-``alpha_j / c`` (SimuEM's Bonferroni over the c labels) where the levels ``alpha_j`` of the
-looks of a schedule fixed in advance sum to alpha. By the union bound over the c labels and
-the looks, with probability at least 1 - alpha every bound of every look holds at once; so do
-the intersections of the bounds over the looks so far, and Theorem 1's radius computed from
-them holds for every k at once. Which look an input stops at is then free to depend on the
-counts. The argument, the schedule and the stopping rule are written in ``docs/sequential.md``.
-
-An input stops as soon as every k is *decided* at every target radius: certified, or out of
-reach. A target is out of reach when even optimistic probabilities (the label at its upper
-Clopper-Pearson bound at level ``futility``, 0.02 at each look, the others at their lower
-bounds) would not certify it from ``n_max`` samples at the last look's level. That rule only
-decides when to stop; every reported radius still comes from the valid bounds, so it cannot
-make a certificate wrong, only miss one that more samples would have given.
+An input is sampled in growing rounds (looks, a schedule fixed in advance); the looks' levels
+sum to alpha, so by the union bound every bound of every look holds at once and the look an
+input stops at may depend on the counts. The argument and the defaults: ``docs/sequential.md``.
 """
 
 from __future__ import annotations
@@ -27,9 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from certify.math.bounds import _lower, _unique_apply, _upper
-from certify.math.radius import _radius_from_sorted_uppers, _top_uppers_excluding
+from certify.math.bounds import _lower, _upper
+from certify.math.radius import _radius
 from certify.math.validation import (
+    UsageError,
     check_alpha,
     check_int,
     check_labels,
@@ -51,23 +39,17 @@ DEFAULT_LAST_SHARE = 0.75
 def look_schedule(
     n_max: int, first: int = DEFAULT_FIRST, growth: float = DEFAULT_GROWTH, multiple: int = 1
 ) -> tuple[int, ...]:
-    """Cumulative sample sizes of the looks: ``first``, ``first * growth``, ... up to ``n_max``.
-
-    Each look is rounded up to a multiple of ``multiple`` (the sampler's noise chunk, so that
-    rounds start on chunk boundaries); the last look is ``n_max``. The schedule depends on its
-    arguments only, never on the counts, as the union bound over the looks requires.
+    """Cumulative sample sizes of the looks: ``first``, ``first * growth``, ... up to ``n_max``,
+    each rounded up to a multiple of ``multiple`` (the sampler's noise chunk).
 
     Example:
-        >>> look_schedule(100_000, growth=2.0)
-        (1000, 2000, 4000, 8000, 16000, 32000, 64000, 100000)
         >>> look_schedule(10_000, first=1000, growth=3.0, multiple=128)
         (1024, 3072, 9088, 10000)
     """
-    n_max = check_int(n_max, "n_max")
-    first = check_int(first, "first")
+    n_max, first = check_int(n_max, "n_max"), check_int(first, "first")
     multiple = check_int(multiple, "multiple")
     if not (isinstance(growth, (int, float)) and math.isfinite(growth) and growth > 1):
-        raise ValueError(f"growth must be a number > 1, got {growth!r}")
+        raise UsageError(f"growth must be a number > 1, got {growth!r}")
     looks: list[int] = []
     size = float(first)
     while not looks or looks[-1] < n_max:
@@ -78,43 +60,20 @@ def look_schedule(
     return tuple(looks)
 
 
-def check_schedule(schedule: Sequence[int], n_max: int) -> tuple[int, ...]:
-    """Strictly increasing positive integers ending at ``n_max``."""
-    looks = tuple(schedule)
-    for n in looks:
-        check_int(n, "every look of the schedule")
-    if (
-        not looks
-        or any(b <= a for a, b in zip(looks[:-1], looks[1:], strict=True))
-        or (looks[-1] != n_max)
-    ):
-        raise ValueError(
-            f"schedule must be strictly increasing sample sizes ending at n_max = {n_max}, "
-            f"got {list(looks)}"
-        )
-    return tuple(int(n) for n in looks)
-
-
 def spend(alpha: float, looks: int, weights: Sequence[float] | None = None) -> np.ndarray:
-    """The levels ``alpha_j`` of the looks: ``alpha`` split in proportion to ``weights``
-    (positive). By default the last look gets ``DEFAULT_LAST_SHARE`` (3/4) of alpha and the
-    others share the rest evenly: the last look decides the inputs closest to a target, where a
-    smaller level would cost certified accuracy, while an early look's level enters its bounds
-    only through a logarithm. The levels sum to at most ``alpha``.
+    """The levels ``alpha_j`` of the looks, summing to at most ``alpha``: ``alpha`` split in
+    proportion to positive ``weights``, by default ``DEFAULT_LAST_SHARE`` (3/4) at the last
+    look and the rest evenly (``docs/sequential.md``).
 
     Example:
         >>> spend(0.001, 6).tolist()
         [5e-05, 5e-05, 5e-05, 5e-05, 5e-05, 0.00075]
-        >>> spend(0.001, 4, [1, 1, 1, 1]).tolist()
-        [0.00025, 0.00025, 0.00025, 0.00025]
     """
-    alpha = check_alpha(alpha)
-    looks = check_int(looks, "looks")
+    alpha, looks = check_alpha(alpha), check_int(looks, "looks")
     rest = (1 - DEFAULT_LAST_SHARE) / DEFAULT_LAST_SHARE * np.ones(looks - 1) / max(1, looks - 1)
-    default = np.r_[rest, 1.0]
-    w = default if weights is None else np.asarray(weights, dtype=np.float64)
+    w = np.r_[rest, 1.0] if weights is None else np.asarray(weights, dtype=np.float64)
     if w.shape != (looks,) or not (np.isfinite(w).all() and (w > 0).all()):
-        raise ValueError(
+        raise UsageError(
             f"spending must be {looks} positive weights (one per look), got "
             f"{[float(v) for v in np.ravel(w)]}"
         )
@@ -127,8 +86,7 @@ class SequentialCertificate:
     """What ``certify_sequential`` returns.
 
     Attributes:
-        radius: float64 ``(B, K)``: the largest target radius at which the label is certified
-            for each k, NaN where none is.
+        radius: float64 ``(B, K)``: the largest target radius certified per k (NaN: none).
         samples: int64 ``(B,)``: noisy samples drawn per input (at most ``n_max``).
         counts: int64 ``(B, c)``: their counts.
         schedule: the cumulative sample sizes of the looks.
@@ -170,14 +128,12 @@ def certify_sequential(
         alpha: the probability that some radius reported for an input is wrong.
         radii: the target radii (finite, >= 0; a reported radius is one of them).
         n_max: the most samples drawn for an input.
-        num_classes: c, to check ``labels`` and ``top_k`` before drawing (else after the
-            first round).
-        schedule: cumulative sample sizes of the looks, ending at ``n_max``; default
-            ``look_schedule(n_max)`` (1,000 samples, then 25 % more at each look).
-        spending: relative weights of the looks' levels (default: ``spend``'s, 3/4 of
-            alpha at the last look).
-        futility: level, at each look, of the optimistic bounds that stop pursuing a target
-            out of reach; ``None`` pursues every target until certified or ``n_max``.
+        num_classes: c, to check ``labels`` and ``top_k`` before drawing.
+        schedule: cumulative sample sizes of the looks, ending at ``n_max`` (default
+            ``look_schedule(n_max)``).
+        spending: relative weights of the looks' levels (default: ``spend``'s).
+        futility: level of the optimistic bounds that stop pursuing a target out of reach;
+            ``None`` pursues every target until certified or ``n_max``.
 
     Returns:
         A :class:`SequentialCertificate`.
@@ -192,21 +148,22 @@ def certify_sequential(
         >>> cert.radius.tolist(), cert.samples.tolist()
         ([[0.5, 0.5], [0.5, 0.5]], [3052, 1250])
     """
-    labels = np.asarray(to_numpy(labels))
+    labels = to_numpy(labels)
     if labels.ndim != 1:
-        raise ValueError(f"labels must have shape (B,), got {tuple(labels.shape)}")
-    batch = labels.shape[0]
-    if num_classes is not None:
+        raise UsageError(f"labels must have shape (B,), got {tuple(labels.shape)}")
+    if num_classes is not None:  # else checked against the first round's counts
         num_classes = check_int(num_classes, "num_classes", low=2)
-        labels = check_labels(labels, batch, num_classes)
-        top_k = check_top_k(top_k, num_classes)
-    else:
-        top_k = check_top_k(top_k, None)
-    sigma = check_sigma(sigma)
-    alpha = check_alpha(alpha)
-    targets = check_radii(radii)
+        labels = check_labels(labels, len(labels), num_classes)
+    top_k = check_top_k(top_k, num_classes)
+    sigma, alpha, targets = check_sigma(sigma), check_alpha(alpha), check_radii(radii)
     n_max = check_int(n_max, "n_max")
-    looks = look_schedule(n_max) if schedule is None else check_schedule(schedule, n_max)
+    looks = look_schedule(n_max) if schedule is None else tuple(schedule)
+    looks = tuple(check_int(n, "every look of the schedule") for n in looks)
+    if not looks or looks[-1] != n_max or (np.diff(looks) <= 0).any():
+        raise UsageError(
+            f"schedule must be strictly increasing sample sizes ending at n_max = {n_max}, "
+            f"got {list(looks)}"
+        )
     levels = spend(alpha, len(looks), spending)
     if futility is not None:
         futility = check_alpha(futility, name="futility")
@@ -217,29 +174,25 @@ def _certify_rounds(draw, labels, top_k, sigma, targets, looks, levels, futility
     """The rounds, with the looks' levels given (the tests also run unsound levels here)."""
     labels = np.asarray(labels)
     batch, targets = len(labels), np.asarray(targets, dtype=np.float64)
-    active = np.ones(batch, dtype=bool)
-    samples = np.zeros(batch, dtype=np.int64)
+    active, samples = np.ones(batch, dtype=bool), np.zeros(batch, dtype=np.int64)
     certified = np.zeros((batch, len(top_k)), dtype=np.int64)  # targets certified, per k
     counts = p_lower = upper = None
     drawn = 0
     for j, n in enumerate(looks):
-        new = _checked_draw(draw, n - drawn, active, batch, counts)
+        new = _checked_draw(draw, n - drawn, active, batch, counts)  # (B, c)
         if counts is None:  # the first round tells c
             c = new.shape[1]
-            labels = check_labels(labels, batch, c)
-            top_k = check_top_k(top_k, c)
-            counts = np.zeros_like(new)
-            p_lower, upper = np.zeros(batch), np.ones((batch, c))
+            labels, top_k = check_labels(labels, batch, c), check_top_k(top_k, c)
+            counts, p_lower, upper = np.zeros_like(new), np.zeros(batch), np.ones((batch, c))
         counts += new
         samples[active] = n
         rows = np.flatnonzero(active)
-        own = counts[rows, labels[rows]]
         level = levels[j] / counts.shape[1]
         # Bounds from all samples so far, intersected with those of the earlier looks.
-        p_lower[rows] = np.maximum(p_lower[rows], _unique_apply(_at(_lower, level), own, n))
-        upper[rows] = np.minimum(upper[rows], _unique_apply(_at(_upper, level), counts[rows], n))
-        tops = _top_uppers_excluding(upper[rows], labels[rows], max(top_k))  # (b, K) descending
-        radius = _radius_from_sorted_uppers(p_lower[rows], tops, top_k, sigma)  # (b, K)
+        own = _lower(counts[rows, labels[rows]], n, level)  # (b,)
+        p_lower[rows] = np.maximum(p_lower[rows], own)
+        upper[rows] = np.minimum(upper[rows], _upper(counts[rows], n, level))  # (b, c)
+        radius = _radius(p_lower[rows], upper[rows], labels[rows], top_k, sigma)  # (b, K)
         certified[rows] = _targets_within(radius, targets)
         if j == len(looks) - 1:
             break
@@ -254,20 +207,9 @@ def _certify_rounds(draw, labels, top_k, sigma, targets, looks, levels, futility
         if not active.any():
             break
         drawn = n
-    radius = np.full(certified.shape, np.nan)
-    some = certified > 0
-    radius[some] = targets[certified[some] - 1]
-    return SequentialCertificate(
-        radius=torch.from_numpy(radius),
-        samples=torch.from_numpy(samples),
-        counts=torch.from_numpy(counts),
-        schedule=tuple(looks),
-        levels=np.asarray(levels, dtype=np.float64),
-    )
-
-
-def _at(bound, level: float):
-    return lambda k, m: bound(k, m, level)
+    radius = np.where(certified > 0, targets[np.maximum(certified - 1, 0)], np.nan)  # (B, K)
+    tensors = (torch.from_numpy(a) for a in (radius, samples, counts))
+    return SequentialCertificate(*tensors, tuple(looks), np.asarray(levels, dtype=np.float64))
 
 
 def _targets_within(radius: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -276,39 +218,34 @@ def _targets_within(radius: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def _optimistic_radius(counts, labels, n, n_max, last_level, futility, top_k, sigma):
-    """Radius that ``n_max`` samples would certify at the last look's level if the label's
-    frequency were its upper Clopper-Pearson bound at level ``futility`` and every other
-    label's frequency its lower bound (``(b, K)``, NaN: not even at radius 0)."""
-    batch, c = counts.shape
-    rows = np.arange(batch)
-    hopeful = _unique_apply(_at(_lower, futility), counts, n)  # (b, c)
-    own = counts[rows, labels]
-    hopeful[rows, labels] = _unique_apply(_at(_upper, futility), own, n)
+    """Radius ``(b, K)`` that ``n_max`` samples would certify at the last look's level with the
+    label's frequency at its upper bound at level ``futility``, the others' at their lower."""
+    rows = np.arange(counts.shape[0])
+    hopeful = _lower(counts, n, futility)  # (b, c)
+    hopeful[rows, labels] = _upper(counts[rows, labels], n, futility)
     projected = hopeful * n_max  # (b, c) expected counts under the optimistic frequencies
     projected[rows, labels] = np.ceil(projected[rows, labels])
     projected = np.minimum(np.floor(projected), n_max).astype(np.int64)
-    level = last_level / c
-    p_lower = _unique_apply(_at(_lower, level), projected[rows, labels], n_max)
-    upper = _unique_apply(_at(_upper, level), projected, n_max)
-    tops = _top_uppers_excluding(upper, labels, max(top_k))
-    return _radius_from_sorted_uppers(p_lower, tops, top_k, sigma)
+    level = last_level / counts.shape[1]
+    p_lower = _lower(projected[rows, labels], n_max, level)  # (b,)
+    return _radius(p_lower, _upper(projected, n_max, level), labels, top_k, sigma)
 
 
 def _checked_draw(draw, m, active, batch, counts) -> np.ndarray:
     """``draw(m, active)`` as an int64 array, refused unless it is a valid round of counts."""
     new = to_numpy(draw(m, torch.from_numpy(active.copy())))
-    if new.ndim != 2 or new.shape[0] != batch or new.shape[1] < 2:
-        raise ValueError(f"draw must return ({batch}, c) counts, got shape {tuple(new.shape)}")
-    if counts is not None and new.shape != counts.shape:
-        raise ValueError(f"draw returned shape {tuple(new.shape)}, earlier {counts.shape}")
+    want = f"({batch}, c)" if counts is None else str(counts.shape)
+    fits = counts is None or new.shape == counts.shape
+    if new.ndim != 2 or new.shape[0] != batch or new.shape[1] < 2 or not fits:
+        raise UsageError(f"draw must return {want} counts, got shape {tuple(new.shape)}")
     if new.dtype == bool or not np.issubdtype(new.dtype, np.integer):
-        raise ValueError(f"draw must return integer counts, got dtype {new.dtype}")
+        raise UsageError(f"draw must return integer counts, got dtype {new.dtype}")
     new = new.astype(np.int64)
     sums = new.sum(axis=1)
     bad = np.flatnonzero((new < 0).any(axis=1) | (sums != np.where(active, m, 0)))
     if bad.size:
         b = int(bad[0])
-        raise ValueError(
+        raise UsageError(
             f"draw({m}, active) gave row {b} ({'active' if active[b] else 'inactive'}) counts "
             f"summing to {int(sums[b])}; expected {m if active[b] else 0}, none negative"
         )

@@ -1,8 +1,6 @@
-"""Argument checks: one home for each rule, one ``ValueError`` naming the bad value.
+"""Argument checks: one home for each rule, one ``UsageError`` naming the bad value.
 
-The math, the sampler, the callback, the ``certify`` command and the training CLI all check
-their k values, integers, seeds and levels here.
-"""
+Public functions check their arguments here, once; the functions they call trust them."""
 
 from __future__ import annotations
 
@@ -10,6 +8,10 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+
+
+class UsageError(ValueError):
+    """A user's mistake: a one-line message naming the bad value (the CLI exits with 2)."""
 
 
 def to_numpy(x) -> np.ndarray:
@@ -27,9 +29,9 @@ MIN_ALPHA = 1e-100
 
 def check_alpha(alpha: float, name: str = "alpha") -> float:
     if not isinstance(alpha, (int, float, np.floating)) or not 0.0 < float(alpha) < 1.0:
-        raise ValueError(f"{name} must lie strictly between 0 and 1, got {alpha!r}")
+        raise UsageError(f"{name} must lie strictly between 0 and 1, got {alpha!r}")
     if float(alpha) < MIN_ALPHA:
-        raise ValueError(
+        raise UsageError(
             f"{name} must be at least {MIN_ALPHA:g} (Beta quantiles are not reliable below),"
             f" got {alpha!r}"
         )
@@ -39,51 +41,51 @@ def check_alpha(alpha: float, name: str = "alpha") -> float:
 def check_sigma(sigma: float) -> float:
     ok = isinstance(sigma, (int, float, np.floating)) and math.isfinite(sigma) and sigma > 0
     if not ok:
-        raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+        raise UsageError(f"sigma must be a finite number > 0, got {sigma!r}")
     return float(sigma)
+
+
+def _integers(arr: np.ndarray, what: str) -> None:
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        raise UsageError(f"{what} must be integers, got dtype {arr.dtype}")
 
 
 def check_counts(counts) -> np.ndarray:
     """Counts as an int64 ``(B, c)`` array with c >= 2, no negatives and positive row sums."""
     arr = to_numpy(counts)
     if arr.ndim != 2:
-        raise ValueError(f"counts must have shape (B, c), got shape {tuple(arr.shape)}")
+        raise UsageError(f"counts must have shape (B, c), got shape {tuple(arr.shape)}")
     if arr.shape[1] < 2:
-        raise ValueError(f"counts need at least 2 classes, got c = {arr.shape[1]}")
-    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"counts must be integers, got dtype {arr.dtype}")
+        raise UsageError(f"counts need at least 2 classes, got c = {arr.shape[1]}")
+    _integers(arr, "counts")
     arr = arr.astype(np.int64, copy=False)
     if arr.size and arr.min() < 0:
         row = int(np.argwhere(arr < 0)[0, 0])
-        raise ValueError(f"counts must be >= 0, row {row} has {arr[row].min()}")
+        raise UsageError(f"counts must be >= 0, row {row} has {arr[row].min()}")
     empty = np.flatnonzero(arr.sum(axis=1) == 0)
     if empty.size:
-        raise ValueError(f"counts of row {int(empty[0])} sum to 0: no samples to bound")
+        raise UsageError(f"counts of row {int(empty[0])} sum to 0: no samples to bound")
     return arr
 
 
 def check_labels(labels, batch: int, num_classes: int) -> np.ndarray:
+    """Labels as an int64 ``(batch,)`` array of class indices ``0 .. num_classes - 1``."""
     arr = to_numpy(labels)
     if arr.shape != (batch,):
-        raise ValueError(f"labels must have shape ({batch},), got {tuple(arr.shape)}")
-    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"labels must be integers, got dtype {arr.dtype}")
+        raise UsageError(f"labels must have shape ({batch},), got {tuple(arr.shape)}")
+    _integers(arr, "labels")
     bad = np.flatnonzero((arr < 0) | (arr >= num_classes))
     if bad.size:
-        raise ValueError(
+        raise UsageError(
             f"label {int(arr[bad[0]])} of row {int(bad[0])} is outside 0..{num_classes - 1}"
             " (labels must be class indices)"
         )
     return arr.astype(np.int64, copy=False)
 
 
-#: The k values certified when none are given (those below the number of classes).
-DEFAULT_TOP_K = (1, 3, 5)
-
-
 def default_top_k(num_classes: int) -> tuple[int, ...]:
-    """``DEFAULT_TOP_K`` without the k values a ``num_classes``-label problem cannot have."""
-    return tuple(k for k in DEFAULT_TOP_K if k < num_classes)
+    """The k values certified when none are given: 1, 3, 5, those below ``num_classes``."""
+    return tuple(k for k in (1, 3, 5) if k < num_classes)
 
 
 def check_int(value, name: str, low: int = 1, optional: bool = False) -> int | None:
@@ -91,49 +93,42 @@ def check_int(value, name: str, low: int = 1, optional: bool = False) -> int | N
     if optional and value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
     return int(value)
 
 
 def check_top_k(
     top_k: int | Sequence[int], num_classes: int | None, name: str = "k"
 ) -> tuple[int, ...]:
-    """Distinct integers with ``1 <= k < num_classes`` (``num_classes=None``: ``k >= 1`` only).
-
-    ``name`` is how the caller's user knows the setting (``k``, ``top_k``, ``model.top_k``).
-    """
+    """Distinct integers ``1 <= k < num_classes`` (``None``: ``k >= 1``); ``name`` the setting's."""
     ks = (top_k,) if isinstance(top_k, (int, np.integer)) else tuple(top_k)
     prefix = "" if name == "k" else f"{name}: "
     if not ks:
-        raise ValueError(f"{prefix}at least one k is needed")
+        raise UsageError(f"{prefix}at least one k is needed")
     for k in ks:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-            raise ValueError(f"{prefix}k must be an integer, got {k!r}")
+            raise UsageError(f"{prefix}k must be an integer, got {k!r}")
         if num_classes is None and k < 1:
-            raise ValueError(f"{prefix}k must be >= 1, got k = {k}")
+            raise UsageError(f"{prefix}k must be >= 1, got k = {k}")
         if num_classes is not None and not 1 <= k < num_classes:
-            raise ValueError(f"{prefix}k must satisfy 1 <= k < c = {num_classes}, got k = {k}")
+            raise UsageError(f"{prefix}k must satisfy 1 <= k < c = {num_classes}, got k = {k}")
     if len(set(ks)) != len(ks):
-        raise ValueError(f"{prefix}the k values must be distinct, got {[int(k) for k in ks]}")
+        raise UsageError(f"{prefix}the k values must be distinct, got {[int(k) for k in ks]}")
     return tuple(int(k) for k in ks)
 
 
 def check_seed(seed) -> int | None:
-    """``None`` or an integer in 0 .. 2**64 - 1 (Python or NumPy; not a bool or a float).
-
-    The noise streams use the seed's 64 bits: a wider or negative seed would silently share
-    its streams with another one (2**64 with 0, -1 with 2**64 - 1).
-    """
+    """``None`` or an integer in 0 .. 2**64 - 1, the bits the noise streams use (not a bool)."""
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+        raise UsageError(f"seed must be an integer or None, got {seed!r}")
     if seed is not None and not 0 <= int(seed) < 2**64:
-        raise ValueError(f"seed must lie in 0 .. 2**64 - 1, got {seed!r}")
+        raise UsageError(f"seed must lie in 0 .. 2**64 - 1, got {seed!r}")
     return None if seed is None else int(seed)
 
 
 def check_bounds(bounds: str) -> str:
     if bounds not in ("simuem", "binocp"):
-        raise ValueError(f"bounds must be 'simuem' or 'binocp', got {bounds!r}")
+        raise UsageError(f"bounds must be 'simuem' or 'binocp', got {bounds!r}")
     return bounds
 
 
@@ -141,11 +136,11 @@ def check_radii(radii, name: str = "radii") -> tuple[float, ...]:
     """Target radii: at least one, each a finite number >= 0, distinct; returned ascending."""
     values = (radii,) if isinstance(radii, (int, float, np.floating)) else tuple(radii)
     if not values:
-        raise ValueError(f"{name}: at least one radius is needed")
+        raise UsageError(f"{name}: at least one radius is needed")
     for r in values:
         ok = isinstance(r, (int, float, np.integer, np.floating)) and not isinstance(r, bool)
         if not ok or not math.isfinite(r) or r < 0:
-            raise ValueError(f"{name} must be finite numbers >= 0, got {r!r}")
+            raise UsageError(f"{name} must be finite numbers >= 0, got {r!r}")
     if len(set(values)) != len(values):
-        raise ValueError(f"{name} must be distinct, got {[float(r) for r in values]}")
+        raise UsageError(f"{name} must be distinct, got {[float(r) for r in values]}")
     return tuple(sorted(float(r) for r in values))

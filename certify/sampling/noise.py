@@ -1,10 +1,11 @@
-"""The noise streams of the sampler: which generator seed and which rows each sample gets.
+"""The noise streams of the sampler: which generator draws each sample's noise.
 
-Every input's n samples are cut into chunks of a fixed length (``noise_chunk``) and chunk j
-of the input with id ``example_id`` is drawn from a generator seeded by
-``chunk_seed(seed, example_id, j)``. The noise of a sample is therefore a pure function of
-``(seed, example_id, sample index)`` on a given device type, whatever the batch size, the
-other inputs of the call or the process.
+Every input's n samples are cut into chunks of a fixed length (``noise_chunk``; the last chunk
+holds the remaining samples) and chunk j of the input with id ``example_id`` is torch's
+``normal_(0, sigma)`` of that chunk, drawn in the noisy batch's memory order (channels-last
+batches: ``(length, H, W, C)``) by a generator seeded with ``chunk_seed(seed, example_id, j)``.
+The noise of a sample is therefore a pure function of ``(seed, example_id, sample index)`` on a
+given device type, whatever the batch size, the other inputs of the call or the process.
 
 torch's CPU generator keeps only the low 32 bits of its seed, so two chunks of one input whose
 seeds agree there would draw the same noise: their samples would not be independent, which
@@ -27,6 +28,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from certify.math.validation import UsageError
 
 NOISE_CHUNK = 128  #: samples per noise chunk on a CPU
 #: Off the CPU every chunk costs a kernel launch (about 10 us of host time, longer than the
@@ -54,14 +57,14 @@ PURPOSES = {
 
 def check_purpose(purpose: str) -> str:
     if purpose not in PURPOSES:
-        raise ValueError(f"purpose must be one of {', '.join(PURPOSES)}, got {purpose!r}")
+        raise UsageError(f"purpose must be one of {', '.join(PURPOSES)}, got {purpose!r}")
     return purpose
 
 
 def stream_seed(seed: int, example_id: int, purpose: str = "certify") -> int:
     """The part of ``chunk_seed`` shared by all chunks of one input's stream."""
     key = mix64(seed & _MASK64)
-    tag = PURPOSES[check_purpose(purpose)]
+    tag = PURPOSES[purpose]
     if tag is not None:
         key = mix64(key ^ tag)
     return mix64(key ^ (example_id & _MASK64))
@@ -135,56 +138,3 @@ def noise_chunk(device: torch.device | str, sample_shape: Sequence[int]) -> int:
     while chunk > NOISE_CHUNK and chunk * numel * 4 > LONG_NOISE_CHUNK_BYTES:
         chunk //= 2
     return chunk
-
-
-class ChunkNoise:
-    """``draw(b, j, row, length)``: chunk j of input b's noise (its first ``length`` samples)
-    into rows ``row .. row + length - 1`` of ``noisy``, the sampler's buffer.
-
-    The noise is drawn in the buffer's memory order (channels-last: ``(rows, H, W, C)``). The
-    chunk is torch's ``normal_(0, sigma)`` from a generator seeded by ``chunk_seeds``.
-
-    Args:
-        noisy: ``(rows, *shape)`` noise buffer; ``sigma``: the noise level.
-        seed: base seed; ``ids``: the inputs' example ids; ``chunks``: chunks per input.
-        purpose: the streams' purpose (``PURPOSES``).
-        first: the stream's chunk that chunk 0 of ``draw`` is (to draw a later part of it).
-    """
-
-    def __init__(
-        self, noisy: torch.Tensor, sigma: float, seed: int, ids, chunks: int, purpose="certify",
-        first: int = 0,
-    ):  # fmt: skip
-        flat = noisy.permute(0, 2, 3, 1) if not noisy.is_contiguous() else noisy
-        self.flat, self.sigma = flat, sigma
-        streams = [stream_seed(seed, i, purpose) for i in ids]
-        self.seeds = chunk_seeds(streams, first + chunks)[:, first:]  # (B, chunks)
-        self.generator = torch.Generator(device=flat.device)
-
-    def __call__(self, b: int, j: int, row: int, length: int) -> None:
-        self.generator.manual_seed(int(self.seeds[b, j]))
-        self.flat[row : row + length].normal_(0.0, self.sigma, generator=self.generator)
-
-
-def add_inputs(noisy, owner, x, offsets, runs: list[list[int]]) -> None:
-    """Add input b to its rows of noise and mark them as b's, for every run ``[b, lo, hi]``.
-
-    Runs of consecutive inputs and equal length (the usual layout: one run per input) are
-    done by one broadcast operation each, instead of two per input: off the CPU every
-    operation is a kernel launch. The sums are the same as one input at a time.
-
-    Args:
-        noisy: ``(rows, *shape)`` buffer of noise; ``owner``: ``(rows,)`` int64, row -> b * c.
-        x: ``(B, *shape)`` inputs; ``offsets``: ``(B,)`` int64, ``b * c``.
-        runs: ``[b, lo, hi]`` runs in increasing row order, none overlapping.
-    """
-    i = 0
-    while i < len(runs):
-        b, lo, hi = runs[i]
-        length, k = hi - lo, 1
-        while i + k < len(runs) and runs[i + k] == [b + k, lo + k * length, hi + k * length]:
-            k += 1
-        end = lo + k * length
-        noisy[lo:end].unflatten(0, (k, length)).add_(x[b : b + k].unsqueeze(1))  # (k, L, *shape)
-        owner[lo:end].view(k, length).copy_(offsets[b : b + k, None].expand(k, length))
-        i += k

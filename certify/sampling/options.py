@@ -6,6 +6,8 @@ import logging
 
 import torch
 
+from certify.math.validation import UsageError
+
 #: Reduced precisions of the sampler's forward pass by name (``None``: the model's own).
 AUTOCAST_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -13,12 +15,12 @@ AUTOCAST_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def check_autocast(autocast: str | None) -> torch.dtype | None:
     """The dtype named by ``autocast`` (``"bf16"``, ``"fp16"`` or ``None``)."""
     if not isinstance(autocast, (str, type(None))) or autocast not in AUTOCAST_DTYPES:
-        raise ValueError(f"autocast must be 'bf16' or 'fp16', got {autocast!r}")
+        raise UsageError(f"autocast must be 'bf16' or 'fp16', got {autocast!r}")
     return AUTOCAST_DTYPES[autocast]
 
 
 def check_compile(device: torch.device | str) -> None:
-    """Raise ``ValueError`` (one line) if ``torch.compile`` cannot build code for ``device``.
+    """Raise ``UsageError`` (one line) if ``torch.compile`` cannot build code for ``device``.
 
     Compiles a tiny function with inductor's caches off, so that a missing C++ compiler (CPU)
     or Triton (GPU) shows up before a run writes anything, not at its first batch.
@@ -42,6 +44,6 @@ def check_compile(device: torch.device | str) -> None:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         reason = lines[0] if lines else type(err).__name__
         message = f"compile is on but torch.compile fails on {device.type}: {reason}"
-        raise ValueError(message) from None
+        raise UsageError(message) from None
     finally:
         quiet.setLevel(level)

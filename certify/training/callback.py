@@ -4,8 +4,8 @@ After a validation epoch the callback certifies a fixed, evenly spread subset of
 validation split with the smoothed version of the module's network, each process taking its
 own share, and logs ``val/certified_top{k}@{r}``, ``val/acr_top{k}`` and
 ``val/certify_seconds`` to every logger (plus a curve of certified accuracy against radius to
-W&B). Noise streams are seeded by dataset index, so the numbers do not depend on the number
-of processes.
+W&B). Noise streams are seeded by dataset index and the metric reduces exactly, so the numbers
+do not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from certify.commands.report import markdown_table
 from certify.math.validation import (
+    UsageError,
     check_alpha,
     check_bounds,
     check_int,
@@ -32,7 +32,7 @@ from certify.math.validation import (
 )
 from certify.sampling.options import check_autocast
 from certify.sampling.smoothing import SmoothedClassifier
-from certify.training.metric import CertifiedTopKAccuracy
+from certify.training.metric import CertifiedTopKAccuracy, markdown_table
 
 
 class CertificationCallback(pl.Callback):
@@ -40,23 +40,20 @@ class CertificationCallback(pl.Callback):
 
     Args:
         top_k: the k values; ``None`` means (1, 3, 5) without those >= num_classes.
-        radii: radii at which certified accuracy is logged.
+        radii: radii at which certified accuracy is logged (distinct, finite, >= 0).
         n: noisy samples per example.
         alpha: failure probability of each certificate.
         bounds: ``"simuem"`` or ``"binocp"``.
         batch_size: noisy samples per forward pass (``None``: the sampler's choice).
         num_examples: how many validation examples (evenly spread, the same every epoch);
-            ``None`` certifies all of them (costly on a large split: the whole test set is
-            for ``topk-smoothing certify``).
+            ``None``: all of them (costly on a large split).
         every_n_epochs: certify after every n-th training epoch (and always in ``validate``).
         last_epoch: also certify after the last training epoch.
         sigma: noise level; ``None`` uses the module's training ``sigma``.
         seed: base seed of the noise (each example's stream is keyed by its dataset index).
         examples_per_call: examples handed to the sampler at once.
-        channels_last: the sampler's ``channels_last`` option (faster for 3-channel conv
-            nets on CPUs; another noise layout, so other counts than the default).
-        autocast: ``"bf16"`` or ``"fp16"``: the sampler's forward passes in that precision
-            (about 2x faster for ResNets on recent GPUs; other counts than float32).
+        channels_last: the sampler's ``channels_last`` option.
+        autocast: ``"bf16"`` or ``"fp16"``: the sampler's forward passes in that precision.
         sequential: certify in growing rounds of samples with ``n`` as the most per example,
             stopping an example once every k is decided at every radius of ``radii``
             (``docs/sequential.md``): the same certified accuracy at ``radii`` from a fraction
@@ -83,87 +80,58 @@ class CertificationCallback(pl.Callback):
         sequential: bool = False,
     ) -> None:
         super().__init__()
-        check_int(n, "n")
-        check_int(every_n_epochs, "every_n_epochs")
-        check_int(num_examples, "num_examples", optional=True)
-        check_int(batch_size, "batch_size", optional=True)
-        check_int(examples_per_call, "examples_per_call")
-        if not radii or any(not float(r) >= 0 for r in radii):
-            raise ValueError(f"radii must be numbers >= 0, got {radii!r}")
-        if top_k is not None:
-            check_top_k(top_k, None, name="top_k")
-        check_seed(seed)
-        self.top_k = None if top_k is None else tuple(top_k)
-        self.radii = tuple(float(r) for r in radii)
-        self.n, self.alpha, self.bounds = n, check_alpha(alpha), check_bounds(bounds)
-        self.batch_size, self.num_examples = batch_size, num_examples
-        self.every_n_epochs, self.last_epoch = every_n_epochs, last_epoch
+        self.top_k = None if top_k is None else check_top_k(top_k, None, name="top_k")
+        self.radii = check_radii(radii)
+        self.n = check_int(n, "n")
+        self.alpha = check_alpha(alpha)
+        self.bounds = check_bounds(bounds)
+        if sequential and bounds != "simuem":
+            raise UsageError(f"sequential certification bounds with simuem, got {bounds!r}")
+        self.batch_size = check_int(batch_size, "batch_size", optional=True)
+        self.num_examples = check_int(num_examples, "num_examples", optional=True)
+        self.every_n_epochs = check_int(every_n_epochs, "every_n_epochs")
+        self.examples_per_call = check_int(examples_per_call, "examples_per_call")
         self.sigma = None if sigma is None else check_sigma(sigma)
-        self.seed, self.examples_per_call = seed, examples_per_call
-        self.channels_last = bool(channels_last)
-        check_autocast(autocast)
-        self.autocast = autocast
-        self.sequential = bool(sequential)
-        if self.sequential:
-            if bounds != "simuem":
-                raise ValueError(f"sequential certification bounds with simuem, got {bounds!r}")
-            check_radii(radii)
-        self.samples: list[int] = []  # per example, of the last sequential certification
-        self.indices: np.ndarray | None = None
+        self.seed, self.last_epoch = check_seed(seed), last_epoch
+        self.autocast, self.autocast_dtype = autocast, check_autocast(autocast)
+        self.channels_last, self.sequential = bool(channels_last), bool(sequential)
+        self.indices: np.ndarray | None = None  # the validation examples certified
         self.dataset = None
-        self.last_seconds: float | None = None
+        self.samples: list[int] = []  # per example, of the last sequential certification
         self.last_table: tuple | None = None  # (accuracy (K, R), acr (K,), fit epoch or None)
-        self.fit_seconds: float | None = None  # the last fit: wall time, all epochs
-        self.certify_seconds = 0.0  # ... of which certifying
+        self.certify_seconds = 0.0  # of the last fit
         self._fit_start: float | None = None
         self._first_epoch: int | None = None
 
-    # ------------------------------------------------------------------ setup
     def check_module(self, pl_module: pl.LightningModule) -> None:
         """Refuse k values the module's classes cannot have (the CLI calls this at start-up)."""
         num_classes = getattr(pl_module, "num_classes", None)
         if not isinstance(num_classes, int) or not hasattr(pl_module, "net"):
-            raise ValueError(
+            raise UsageError(
                 "CertificationCallback needs a module with `net` and an integer `num_classes`"
             )
-        self.top_k = check_top_k(
-            default_top_k(num_classes) if self.top_k is None else self.top_k,
-            num_classes,
-            name="CertificationCallback top_k",
-        )
+        top_k = default_top_k(num_classes) if self.top_k is None else self.top_k
+        self.top_k = check_top_k(top_k, num_classes, name="CertificationCallback top_k")
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage not in ("fit", "validate"):
             return
         self.check_module(pl_module)
-        sigma = self.sigma if self.sigma is not None else getattr(pl_module, "sigma", None)
-        check_sigma(sigma)
-        self.dataset = self._validation_dataset(trainer)
+        check_sigma(self.sigma if self.sigma is not None else getattr(pl_module, "sigma", None))
+        source = pl_module if trainer.datamodule is None else trainer.datamodule
+        try:
+            loader = source.val_dataloader()
+        except Exception:  # the hook may be left unimplemented
+            loader = None
+        self.dataset = getattr(loader, "dataset", None)
+        if self.dataset is None or len(self.dataset) == 0:
+            raise UsageError("CertificationCallback: there is no validation data to certify")
         size = len(self.dataset)
         count = size if self.num_examples is None else min(self.num_examples, size)
         self.indices = np.unique(np.linspace(0, size - 1, count).round().astype(np.int64))
 
-    @staticmethod
-    def _validation_dataset(trainer: pl.Trainer):
-        datamodule = trainer.datamodule
-        loader = None
-        if datamodule is not None and type(datamodule).val_dataloader is not (
-            pl.LightningDataModule.val_dataloader
-        ):
-            loader = datamodule.val_dataloader()
-        elif trainer.lightning_module is not None:
-            try:
-                loader = trainer.lightning_module.val_dataloader()
-            except Exception:  # the hook may be left unimplemented
-                loader = None
-        dataset = getattr(loader, "dataset", None)
-        if dataset is None or len(dataset) == 0:
-            raise ValueError("CertificationCallback: there is no validation data to certify")
-        return dataset
-
-    # ------------------------------------------------------------------ timing
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._fit_start, self.certify_seconds, self.fit_seconds = time.perf_counter(), 0.0, None
+        self._fit_start, self.certify_seconds = time.perf_counter(), 0.0
         self._first_epoch = None  # stays None when no epoch runs (a finished run resumed)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -173,25 +141,20 @@ class CertificationCallback(pl.Callback):
         """Report the share of the fit's wall time spent certifying (logged and printed)."""
         if self._fit_start is None or self._first_epoch is None:
             return
-        self.fit_seconds = time.perf_counter() - self._fit_start
+        spent, total = self.certify_seconds, time.perf_counter() - self._fit_start
         epochs = max(1, trainer.current_epoch - self._first_epoch)  # run by this fit
-        share = self.certify_seconds / max(self.fit_seconds, 1e-9)
-        metrics = {
-            "fit/certify_seconds": self.certify_seconds,
-            "fit/seconds": self.fit_seconds,
-            "fit/certify_share": share,
-        }
+        share = spent / max(total, 1e-9)
+        metrics = {"fit/certify_seconds": spent, "fit/seconds": total, "fit/certify_share": share}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         if trainer.global_rank == 0:
             self.print_table()
             print(
-                f"Certification took {self.certify_seconds:.1f} s of the {self.fit_seconds:.1f} s "
-                f"fit ({share:.0%}): {self.certify_seconds / epochs:.2f} s per epoch of "
-                f"{self.fit_seconds / epochs:.2f} s on average over {epochs} epochs"
+                f"Certification took {spent:.1f} s of the {total:.1f} s fit ({share:.0%}): "
+                f"{spent / epochs:.2f} s per epoch of {total / epochs:.2f} s on average over "
+                f"{epochs} epochs"
             )
 
-    # ------------------------------------------------------------------ epoch end
     def _due(self, trainer: pl.Trainer) -> bool:
         if trainer.sanity_checking:
             return False
@@ -206,13 +169,12 @@ class CertificationCallback(pl.Callback):
             return
         start = time.perf_counter()
         metric = self.certify_share(trainer, pl_module)
-        with metric.sync_context():  # every process's examples (compute_table reads the states)
+        with metric.sync_context():  # every process's examples
             accuracy, acr = metric.compute_table()  # (K, R), (K,)
-        values = metric.keyed(accuracy, acr)
         seconds = time.perf_counter() - start
-        self.last_seconds = seconds
-        if trainer.state.fn == "fit":
-            self.certify_seconds += seconds
+        fitting = trainer.state.fn == "fit"
+        self.certify_seconds += seconds if fitting else 0.0
+        values = metric.keyed(accuracy, acr)
         pl_module.log_dict({f"val/{key}": value.float() for key, value in values.items()})
         pl_module.log("val/certify_seconds", seconds, reduce_fx="max", sync_dist=True)
         if self.sequential:  # the mean over all processes' examples
@@ -220,7 +182,7 @@ class CertificationCallback(pl.Callback):
             total, count = trainer.strategy.reduce(local.to(pl_module.device), reduce_op="sum")
             pl_module.log("val/certify_samples", float(total / count.clamp(min=1)))
         self._log_curve(trainer, accuracy)
-        epoch = trainer.current_epoch if trainer.state.fn == "fit" else None
+        epoch = trainer.current_epoch if fitting else None
         self.last_table = (accuracy.cpu().numpy(), acr.cpu().numpy(), epoch)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -232,82 +194,59 @@ class CertificationCallback(pl.Callback):
         if self.last_table is None:
             return
         accuracy, acr, epoch = self.last_table
-        description = (
-            f"smoothed classifier, {len(self.indices)} validation examples, "
-            + (f"sequential, n_max = {self.n}, " if self.sequential else f"n = {self.n}, ")
-            + f"alpha = {self.alpha:g}"
-            + ("" if epoch is None else f", epoch {epoch}")
-        )
+        n = f"sequential, n_max = {self.n}" if self.sequential else f"n = {self.n}"
+        at = "" if epoch is None else f", epoch {epoch}"
+        description = f"smoothed classifier, {len(self.indices)} validation examples, {n}, "
+        description += f"alpha = {self.alpha:g}{at}"
         print(markdown_table(self.top_k, self.radii, accuracy, acr, description), end="")
 
     def certify_share(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
         """Certify this process's share of the examples into a fresh metric."""
         sigma = self.sigma if self.sigma is not None else float(pl_module.sigma)
         smoothed = SmoothedClassifier(
-            pl_module.net,
-            pl_module.num_classes,
-            sigma,
-            autocast_dtype=check_autocast(self.autocast),
-            channels_last=self.channels_last,
-        )
+            pl_module.net, pl_module.num_classes, sigma,
+            autocast_dtype=self.autocast_dtype, channels_last=self.channels_last,
+        )  # fmt: skip
         metric = CertifiedTopKAccuracy(self.top_k, self.radii).to(pl_module.device)
         share = self.indices[trainer.global_rank :: trainer.world_size]
-        calls = [
-            share[i : i + self.examples_per_call]
-            for i in range(0, len(share), self.examples_per_call)
-        ]
+        step = self.examples_per_call
+        calls = [share[i : i + step] for i in range(0, len(share), step)]
+        if trainer.global_rank == 0 and trainer.progress_bar_callback is not None:
+            from tqdm.auto import tqdm
+
+            calls = tqdm(calls, desc="Certifying", leave=False, unit="chunk", dynamic_ncols=True)
         self.samples = []
-        for chunk in self._progress(trainer, calls):
+        for chunk in calls:
             items = [self.dataset[int(i)] for i in chunk]
             x = torch.stack([torch.as_tensor(item[0]) for item in items])  # (b, C, H, W)
             labels = torch.tensor([int(item[1]) for item in items])  # (b,)
-            if self.sequential:
-                cert = smoothed.certify_sequential(
-                    x, labels, self.top_k, self.radii, self.n, self.alpha,
-                    batch_size=self.batch_size, seed=self.seed, example_ids=chunk.tolist(),
-                    purpose="validation",
-                )  # fmt: skip
+            # "validation" streams: never those `certify` uses for the same seed
+            common = dict(
+                batch_size=self.batch_size, seed=self.seed, example_ids=chunk.tolist(),
+                purpose="validation",
+            )  # fmt: skip
+            if self.sequential:  # radius: the largest of `radii` certified
+                cert = smoothed.certify_sequential(x, labels, self.top_k, self.radii, self.n,
+                                                   self.alpha, **common)  # fmt: skip
                 self.samples += cert.samples.tolist()
-                metric.update(cert.radius)  # (b, K) the largest radius of `radii` certified
-                continue
-            radii = smoothed.certify(
-                x,
-                labels,
-                self.top_k,
-                self.n,
-                self.alpha,
-                self.bounds,
-                batch_size=self.batch_size,
-                seed=self.seed,
-                example_ids=chunk.tolist(),
-                purpose="validation",  # never the streams `certify` uses for the same seed
-            )  # (b, K)
+                radii = cert.radius  # (b, K)
+            else:
+                radii = smoothed.certify(
+                    x, labels, self.top_k, self.n, self.alpha, self.bounds, **common
+                )  # (b, K)
             metric.update(radii)
         return metric
 
-    @staticmethod
-    def _progress(trainer: pl.Trainer, calls: list):
-        if trainer.global_rank != 0 or trainer.progress_bar_callback is None:
-            return calls
-        from tqdm.auto import tqdm
-
-        return tqdm(calls, desc="Certifying", leave=False, unit="chunk", dynamic_ncols=True)
-
     @rank_zero_only
     def _log_curve(self, trainer: pl.Trainer, accuracy: torch.Tensor) -> None:
-        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
-        if not wandb_loggers:
-            return
-        import wandb
+        """The certified accuracy against radius as a W&B line chart, one line per k."""
+        for logger in [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]:
+            import wandb
 
-        curve = wandb.plot.line_series(
-            xs=list(self.radii),
-            ys=accuracy.cpu().tolist(),
-            keys=[f"top-{k}" for k in self.top_k],
-            title="Certified accuracy vs radius",
-            xname="radius",
-        )
-        for logger in wandb_loggers:
+            keys = [f"top-{k}" for k in self.top_k]
+            curve = wandb.plot.line_series(list(self.radii), accuracy.cpu().tolist(), keys,
+                                           "Certified accuracy vs radius", "radius")  # fmt: skip
+            step = trainer.global_step
             logger.experiment.log(
-                {"val/certified_accuracy_curve": curve, "trainer/global_step": trainer.global_step}
+                {"val/certified_accuracy_curve": curve, "trainer/global_step": step}
             )
