@@ -120,3 +120,18 @@ def test_options_are_reproducible_and_batch_size_invariant(options, channels, dt
             x.float(), n=500, batch_size=64, seed=1
         )
         assert plain.sum() == reference.sum()
+
+
+@pytest.mark.slow
+def test_compiled_model_counts_like_the_eager_one_at_any_batch_size():
+    """``compile=True`` (inductor on the CPU, several seconds to compile): the same labels as
+    the eager model here, so the same counts, and the same for a batch size whose last batch
+    is shorter (a second, dynamic-shape compilation)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 5)).eval()  # quick to compile
+    x = torch.rand(3, 1, 8, 8)
+    eager = SmoothedClassifier(model, 5, 0.5).sample_counts(x, n=300, batch_size=256, seed=2)
+    compiled = SmoothedClassifier(model, 5, 0.5, compile=True)
+    for size in (256, 300):
+        counts = compiled.sample_counts(x, n=300, batch_size=size, seed=2)
+        torch.testing.assert_close(counts, eager, rtol=0, atol=0)
