@@ -1,6 +1,4 @@
-"""What datamodules share: loaders, validation splits, ``num_classes``, ``mean`` and ``std`` from
-``__init__`` on (the CLI links them), and datasets of ``(image (C, H, W) in [0, 1], label)`` at
-stable indices after ``setup``."""
+"""What datamodules share: loaders, validation splits and the hyperparameters they save."""
 
 from __future__ import annotations
 
@@ -17,8 +15,7 @@ from certify.math.validation import UsageError
 
 
 def split_off_validation(train_set, eval_transform, seed: int, size: int = 0, per_class: int = 0):
-    """``(train, val)`` subsets, sorted: ``size`` images, or ``per_class`` of every class, drawn
-    with ``seed`` and seen with ``eval_transform``; the rest for training."""
+    """``(train, val)`` subsets: ``size`` images, or ``per_class`` of every class, for ``val``."""
     labels, rng = np.asarray(train_set.targets), np.random.default_rng(seed)
     if size >= len(labels):
         raise UsageError(f"val_size {size} leaves none of the {len(labels)} training images")
@@ -28,13 +25,10 @@ def split_off_validation(train_set, eval_transform, seed: int, size: int = 0, pe
         classes, sizes = np.unique(labels, return_counts=True)
         if per_class >= sizes.min():
             name, least = train_set.classes[classes[sizes.argmin()]], sizes.min()
-            raise UsageError(
-                f"class {name!r} has {least} training images: "
-                f"val_per_class {per_class} leaves none for training"
-            )
-        val = np.concatenate(
-            [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in classes]
-        )
+            raise UsageError(f"class {name!r} has {least} training images: "
+                             f"val_per_class {per_class} leaves none for training")  # fmt: skip
+        val = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class]
+                              for c in classes])  # fmt: skip
     train = np.setdiff1d(np.arange(len(labels)), val)
     evaluated = copy.copy(train_set)  # the same files and arrays, another transform
     evaluated.transform = eval_transform
@@ -49,13 +43,12 @@ def require_dir(path: str | Path, what: str) -> Path:
 
 
 class ImageClassificationDataModule(LightningDataModule):
-    """Subclasses set ``num_classes``, ``mean``, ``std``, build the datasets in ``setup``, and
-    have their ``__init__`` arguments saved (builtin ints: checkpoints load weights-only)."""
+    """Subclasses set ``num_classes``, ``mean``, ``std`` and build the datasets in ``setup``."""
 
     def __init__(self, batch_size: int, num_workers: int) -> None:
         super().__init__()
         self.save_hyperparameters(frame=inspect.currentframe().f_back)
-        for key, value in self.hparams.items():
+        for key, value in self.hparams.items():  # builtin ints: checkpoints load weights-only
             if isinstance(value, int) and not isinstance(value, bool):
                 self.hparams[key] = int(value)  # not jsonargparse's PositiveInt
         self._hparams_initial = copy.deepcopy(self._hparams)

@@ -60,16 +60,12 @@ class CIFAR10DataModule(ImageClassificationDataModule):
         files = [*CIFAR10.train_list, *CIFAR10.test_list, (meta["filename"], meta["md5"])]
         missing = [name for name, _ in files if not (folder / name).is_file()]
         if missing:
-            raise UsageError(
-                f"CIFAR-10 data_dir {str(self.root)!r} lacks {CIFAR10.base_folder}/"
-                f"{', '.join(missing)} (set download: true to fetch it)"
-            )
-        bad = verify_md5 and [n for n, md5 in files if not check_integrity(folder / n, md5)]
-        if bad:
-            raise UsageError(
-                f"CIFAR-10 files in {str(folder)!r} do not match torchvision's md5 sums: "
-                f"{', '.join(bad)} (download again, or set verify_md5: false for a re-made copy)"
-            )
+            raise UsageError(f"CIFAR-10 data_dir {str(self.root)!r} lacks {CIFAR10.base_folder}/"
+                             f"{', '.join(missing)} (set download: true to fetch it)")  # fmt: skip
+        if verify_md5 and (bad := [n for n, md5 in files if not check_integrity(folder / n, md5)]):
+            raise UsageError(f"CIFAR-10 files in {str(folder)!r} do not match torchvision's md5 "
+                             f"sums: {', '.join(bad)} (download again, or set verify_md5: false "
+                             "for a re-made copy)")  # fmt: skip
 
     def prepare_data(self) -> None:
         if self.download:

@@ -18,7 +18,6 @@ class DigitsDataset(TensorDataset):
 
 
 def seeded_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Indices of the 60 / 20 / 20 % train, val and test splits of a seeded permutation."""
     order = np.random.default_rng(seed).permutation(n)
     n_train, n_val = round(0.6 * n), round(0.2 * n)
     return order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]

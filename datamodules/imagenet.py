@@ -12,8 +12,7 @@ from datamodules.base import ImageClassificationDataModule, require_dir, split_o
 
 
 def image_folder(path, transform) -> ImageFolder:
-    """``ImageFolder``; a class folder without images: a one-line error naming the folder."""
-    try:
+    try:  # a class folder without images: one line naming the folder
         return ImageFolder(path, transform=transform)
     except FileNotFoundError as err:
         raise UsageError(f"ImageNet folder {str(path)!r}: {err}") from None
@@ -21,9 +20,6 @@ def image_folder(path, transform) -> ImageFolder:
 
 class ImageNetDataModule(ImageClassificationDataModule):
     """ImageNet as ImageFolder trees ``data_dir/{train,val}/<class>/<image>``, ``val/`` for tests.
-
-    Validation images are held out from ``train/``. Training: RandomResizedCrop 224 and a flip;
-    evaluation: Resize 256, CenterCrop 224.
 
     Args:
         data_dir: the folder holding ``train/`` and ``val/``.
@@ -51,18 +47,16 @@ class ImageNetDataModule(ImageClassificationDataModule):
         self.val_dir = require_dir(root / "val", "ImageNet val folder")
         classes, val_classes = find_classes(self.train_dir)[0], find_classes(self.val_dir)[0]
         if classes != val_classes:
-            odd = sorted(set(classes) ^ set(val_classes))
-            raise UsageError(
-                f"ImageNet train/ and val/ have different class folders ({len(classes)} vs "
-                f"{len(val_classes)}; e.g. {', '.join(odd[:3])})"
-            )
+            odd = ", ".join(sorted(set(classes) ^ set(val_classes))[:3])
+            raise UsageError(f"ImageNet train/ and val/ have different class folders "
+                             f"({len(classes)} vs {len(val_classes)}; e.g. {odd})")  # fmt: skip
         self.classes, self.num_classes = classes, len(classes)
 
     def setup(self, stage: str | None = None) -> None:
         crop = [transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip()]
         train_tf = transforms.Compose([*crop, transforms.ToTensor()])
-        resize = [transforms.Resize(256), transforms.CenterCrop(224)]
-        eval_tf = transforms.Compose([*resize, transforms.ToTensor()])
+        eval_tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224),
+                                      transforms.ToTensor()])  # fmt: skip
         self.test_dataset = image_folder(self.val_dir, eval_tf)
         self.val_dataset = None if self.val_per_class else self.test_dataset
         # train/ is read when training, or for the held-out validation images.

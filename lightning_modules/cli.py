@@ -1,5 +1,4 @@
-"""``fit``, ``validate`` and ``test`` of a ``NoisyClassifier`` on LightningCLI's public hooks;
-``TopkLightningCLI(args, run=False)`` builds model, data and trainer without running them."""
+"""``fit``, ``validate`` and ``test`` of a ``NoisyClassifier`` on LightningCLI's public hooks."""
 
 from __future__ import annotations
 
@@ -67,8 +66,7 @@ class SafeTrainer(pl.Trainer):
 
 
 class ConfigToLoggers(SaveConfigCallback):
-    """``config.yaml`` (a ``--config``) into the run's folder, next to ``checkpoints/``; to every
-    logger, the config with the values linked from the data and those the model resolved."""
+    """``config.yaml`` next to ``checkpoints/``; to the loggers, the config the model resolved."""
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         folder, logger = Path(trainer.default_root_dir), trainer.logger
@@ -91,8 +89,7 @@ class ConfigToLoggers(SaveConfigCallback):
 
 
 class TopkLightningCLI(LightningCLI):
-    """LightningCLI (its keyword arguments) over ``NoisyClassifier`` and our datamodules; a
-    parse error raises ``ArgumentError``, a start-up mistake ``UsageError``, instead of exiting."""
+    """LightningCLI over ``NoisyClassifier`` and our datamodules that raises instead of exiting."""
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
         kwargs = {
@@ -106,11 +103,8 @@ class TopkLightningCLI(LightningCLI):
         super().__init__(args=args, run=run, **kwargs)
 
     @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        """The trainer's methods run as subcommands, and their arguments left out of options."""
-        data = {"model", "dataloaders", "datamodule"}
-        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
-                "validate": data, "test": data}  # fmt: skip
+    def subcommands() -> dict[str, set[str]]:  # Lightning's, but predict
+        return {key: skip for key, skip in LightningCLI.subcommands().items() if key != "predict"}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for key in LINKED_FROM_DATA:
@@ -123,8 +117,7 @@ class TopkLightningCLI(LightningCLI):
         return torch.load(path, map_location="cpu", weights_only=not trust)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse; read a local ``ckpt_path`` once: its hyperparameters replace the config's (as
-        LightningCLI's, which would read it again: it gets the path back before instantiation)."""
+        """Parse; read a local ``ckpt_path`` once: its hyperparameters replace the config's."""
         parse = parser.parse_object if isinstance(args, (dict, Namespace)) else parser.parse_args
         self.config = parse(args)
         subcommand = self.config.get("subcommand")

@@ -44,18 +44,13 @@ class DigitsCNN(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 8) -> None:
         super().__init__()
+        w = width  # AdaptiveAvgPool2d(2): identity for 8x8 inputs, other sizes fit too
         self.features = nn.Sequential(
-            conv_bn_relu(in_channels, width),
-            conv_bn_relu(width, 2 * width),
-            nn.MaxPool2d(2),
-            conv_bn_relu(2 * width, 4 * width),
-            nn.MaxPool2d(2),
-            nn.AdaptiveAvgPool2d(2),  # identity for 8x8 inputs, other sizes fit too
-        )
-        self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(16 * width, 8 * width), nn.ReLU(inplace=True), nn.Dropout(0.2)
-        )
-        self.fc = nn.Linear(8 * width, num_classes)
+            conv_bn_relu(in_channels, w), conv_bn_relu(w, 2 * w), nn.MaxPool2d(2),
+            conv_bn_relu(2 * w, 4 * w), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(2))  # fmt: skip
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(16 * w, 8 * w), nn.ReLU(True),
+                                        nn.Dropout(0.2))  # fmt: skip
+        self.fc = nn.Linear(8 * w, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features[0](x)  # (B, w, H, W)
@@ -80,24 +75,20 @@ MODELS: dict[str, Callable[[int, int], nn.Module]] = {
 
 
 def load_weights(arch: str, weights: str) -> dict[str, torch.Tensor]:
-    """The state dict in file ``weights`` (read weights-only, maybe under ``"state_dict"``,
-    DataParallel's ``module.`` dropped), or ``arch``'s torchvision weights of that name from
-    ``$TORCH_HOME/hub/checkpoints/`` (downloaded if missing; else an ``OSError`` names the file).
-    """
+    """The state dict in file ``weights`` (weights-only), or ``arch``'s torchvision weights of
+    that name (downloaded if missing; else an ``OSError`` names the file to put in place)."""
     path = Path(weights).expanduser()
     if path.is_file():
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
             reason = type(err).__name__  # torch's messages run over many lines
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err.__context__))
-            if found:  # never unpickled: the state dict alone, saved where the file is trusted
-                reason = (
-                    f"it holds pickled Python objects ({found.group(1)}), which are not loaded; "
-                    "save the state dict alone with torch.save(model.state_dict(), path)"
-                )
-            message = f"weights file {weights!r} is not a readable state dict ({reason})"
-            raise UsageError(message) from None
+            if found := re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err.__context__)):
+                reason = (f"it holds pickled Python objects ({found.group(1)}), which are not "
+                          "loaded; save the state dict alone with torch.save(model.state_dict(), "
+                          "path)")  # fmt: skip
+            raise UsageError(f"weights file {weights!r} is not a readable state dict ({reason})") \
+                from None  # fmt: skip
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         if state and all(key.startswith("module.") for key in state):
             state = {key.removeprefix("module."): value for key, value in state.items()}
@@ -109,10 +100,8 @@ def load_weights(arch: str, weights: str) -> dict[str, torch.Tensor]:
     enum = torchvision.models.get_model_weights(arch)
     names = ["DEFAULT", *(member.name for member in enum)]
     if weights not in names:
-        raise UsageError(
-            f"weights {weights!r} is neither a file nor a weights name of {arch} "
-            f"(choose one of: {', '.join(names)})"
-        )
+        raise UsageError(f"weights {weights!r} is neither a file nor a weights name of {arch} "
+                         f"(choose one of: {', '.join(names)})")  # fmt: skip
     try:
         return enum[weights].get_state_dict(progress=False, check_hash=True)
     except OSError as err:  # urllib's URLError included: no network
@@ -122,8 +111,7 @@ def load_weights(arch: str, weights: str) -> dict[str, torch.Tensor]:
 
 
 def build_backbone(arch: str, num_classes: int, in_channels: int = 3, weights=None) -> nn.Module:
-    """A backbone of ``MODELS``, random or with ``load_weights`` (a fresh ``fc`` for another
-    number of classes)."""
+    """A backbone of ``MODELS``, random or with ``load_weights`` (a new ``fc`` if c differs)."""
     if arch not in MODELS:
         raise UsageError(f"unknown model {arch!r}; choose one of: {', '.join(sorted(MODELS))}")
     if weights is None:
@@ -135,8 +123,8 @@ def build_backbone(arch: str, num_classes: int, in_channels: int = 3, weights=No
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        summary = " ".join(str(err).split())
-        raise UsageError(f"weights {weights!r} do not fit {arch}: {summary[:300]}") from None
+        summary = " ".join(str(err).split())[:300]
+        raise UsageError(f"weights {weights!r} do not fit {arch}: {summary}") from None
     if model.fc.out_features != num_classes:
         model.fc = nn.Linear(model.fc.in_features, num_classes)
     return model

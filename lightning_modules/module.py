@@ -1,9 +1,5 @@
-"""The LightningModule that trains a base classifier under Gaussian noise (Cohen et al. 2019).
-
-Noise N(0, sigma^2 I) is added in [0, 1] pixel space (the network normalises first) from the
-module's own generators, seeded from the run's seed, the global rank and the stream (train or
-eval). Training noise continues across checkpoints; evaluation noise restarts every epoch.
-"""
+"""The LightningModule that trains a base classifier under Gaussian noise (Cohen et al. 2019);
+its noise streams: docs/training.md#noise."""
 
 from __future__ import annotations
 
@@ -19,7 +15,6 @@ import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt, restricted_number_type
 from pytorch_lightning import LightningModule
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
-from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -27,29 +22,7 @@ from certify.math.validation import UsageError, check_sigma, check_top_k
 from lightning_modules import losses
 from lightning_modules.models import build_network
 
-#: A loss weight or an attack radius: a finite number >= 0.
-NonNegativeFinite = restricted_number_type(
-    "NonNegativeFinite", float, [(">=", 0.0), ("<", float("inf"))]
-)
-
-
-def rng_states() -> dict[str, Any]:
-    """This process's global random states (numpy's legacy one too) for weights-only loads."""
-    name, keys, *rest = np.random.get_state()  # noqa: NPY002
-    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    states["numpy"] = (name, keys.tolist(), *rest)
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state()  # this process's device
-    return states
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    name, keys, *rest = states["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))  # noqa: NPY002
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
+NonNegativeFinite = restricted_number_type("NonNegativeFinite", float, [(">=", 0), ("<", 1e999)])
 
 
 class NoisyClassifier(LightningModule):
@@ -120,14 +93,10 @@ class NoisyClassifier(LightningModule):
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         self.channels_last = channels_last
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
-        top = {
-            f"acc_top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
-            for k in self.top_k
-        }
+        top = {f"acc_top{k}": MulticlassAccuracy(num_classes, k, "micro") for k in self.top_k}
         self.val_metrics = MetricCollection(top, prefix="val/")
         self.test_metrics = self.val_metrics.clone(prefix="test/")
-        self._noise: dict[str, torch.Generator] = {}
-        self._resume_rng: list[dict[str, Any]] | None = None
+        self._noise, self._resume_rng = {}, None  # stream -> torch.Generator; states to resume
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # (B, C, H, W) clean pixels -> (B, num_classes)
@@ -137,9 +106,8 @@ class NoisyClassifier(LightningModule):
         generator = self._generator("train" if self.training else "eval", x.device)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         noisy = x + self.sigma * noise  # (B, C, H, W)
-        if self.channels_last and noisy.ndim == 4:
-            noisy = noisy.contiguous(memory_format=torch.channels_last)
-        return noisy
+        channels_last = self.channels_last and noisy.ndim == 4
+        return noisy.contiguous(memory_format=torch.channels_last) if channels_last else noisy
 
     def _generator(self, stream: str, device: torch.device) -> torch.Generator:
         generator = self._noise.get(stream)
@@ -152,8 +120,7 @@ class NoisyClassifier(LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         x, y = batch  # (B, C, H, W), (B,)
-        s = self.loss_settings
-        m = s["num_noise_samples"]
+        s, m = self.loss_settings, self.loss_settings["num_noise_samples"]
         if self.loss == "smoothadv":
             noise = self.add_noise(torch.zeros_like(x).repeat(m, 1, 1, 1))  # (m * B, C, H, W)
             noise = noise.view(m, *x.shape)  # (m, B, C, H, W)
@@ -176,9 +143,8 @@ class NoisyClassifier(LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch  # (B, C, H, W), (B,)
-        stage, metrics = (
-            ("test", self.test_metrics) if self.trainer.testing else ("val", self.val_metrics)
-        )
+        stage = "test" if self.trainer.testing else "val"
+        metrics = self.test_metrics if self.trainer.testing else self.val_metrics
         logits = self.net(self.add_noise(x))  # (B, num_classes)
         self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True)
         metrics.update(logits, y)
@@ -194,10 +160,9 @@ class NoisyClassifier(LightningModule):
         optimizer = self.optimizer_factory(self.parameters())
         if self.lr_scheduler_factory is None:
             return optimizer
-        scheduler = {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "epoch"}
-        if isinstance(scheduler["scheduler"], ReduceLROnPlateau):
-            scheduler["monitor"] = "val/loss"
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        scheduler = self.lr_scheduler_factory(optimizer)  # "monitor": for ReduceLROnPlateau only
+        config = {"scheduler": scheduler, "interval": "epoch", "monitor": "val/loss"}
+        return {"optimizer": optimizer, "lr_scheduler": config}
 
     def on_validation_epoch_start(self) -> None:
         self._noise.pop("eval", None)  # the same inputs get the same noise every epoch
@@ -206,7 +171,11 @@ class NoisyClassifier(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Every process's random states in ``checkpoint["rng_states"][rank]``: exact resume."""
-        states = rng_states()
+        name, keys, *rest = np.random.get_state()  # noqa: NPY002  (a list: weights-only loads)
+        states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        states["numpy"] = (name, keys.tolist(), *rest)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            states["cuda"] = torch.cuda.get_rng_state()  # this process's device
         if "train" in self._noise:
             states["noise"] = self._noise["train"].get_state()
         gathered = [states]
@@ -226,10 +195,15 @@ class NoisyClassifier(LightningModule):
             return
         rank, world = self.global_rank, self.trainer.world_size
         if len(saved) != world and rank == 0:
-            note = f"the checkpoint holds the random states of {len(saved)} process(es), this run"
-            note += f" has {world}: training continues, but not as an uninterrupted run would"
-            print(f"note: {note}", file=sys.stderr)
+            print(f"note: the checkpoint holds the random states of {len(saved)} process(es), this "
+                  f"run has {world}: training continues, but not as an uninterrupted run would",
+                  file=sys.stderr)  # fmt: skip
         states = saved[rank % len(saved)]
-        set_rng_states(states)
+        name, keys, *rest = states["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))  # noqa: NPY002
+        torch.set_rng_state(states["torch"])
+        random.setstate(states["python"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state(states["cuda"])
         if "noise" in states and len(saved) == world:
             self._generator("train", self.device).set_state(states["noise"])

@@ -1,6 +1,5 @@
-"""Our Lightning checkpoints (the network under ``net.``) and Cohen et al.'s released dicts
-(``arch``, ``state_dict`` of ``Sequential(NormalizeLayer, backbone)``, the backbone under ``1.``
-or ``1.module.``), read weights only: pickled Python objects can run any code when loaded."""
+"""Our Lightning checkpoints and Cohen et al.'s (docs/commands.md#checkpoints), read weights
+only: pickled Python objects can run any code when loaded."""
 
 from __future__ import annotations
 
@@ -13,18 +12,15 @@ import torch
 from torch import nn
 
 from certify.math.validation import UsageError
+from datamodules import CIFAR10DataModule, ImageNetDataModule
 
-#: Cohen et al.'s ``arch`` names and the normalisation their models were trained with.
-COHEN_NORMALIZATION = {
-    "cifar_resnet20": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-    "cifar_resnet110": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-    "resnet50": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
+#: Cohen et al.'s ``arch`` names and the data whose normalisation their models were trained with.
+COHEN_DATA = {"cifar_resnet20": CIFAR10DataModule, "cifar_resnet110": CIFAR10DataModule,
+              "resnet50": ImageNetDataModule}  # fmt: skip
 
 
 def read_checkpoint(path: str | Path, trust: bool = False) -> dict:
-    """The checkpoint's contents, read with ``torch.load(weights_only=not trust)``; a missing
-    or unreadable file (or untrusted pickled objects, naming the option) raises ``UsageError``."""
+    """``torch.load(path, weights_only=not trust)``; a file it cannot read: ``UsageError``."""
     name = repr(str(path))
     if not Path(path).is_file():
         what = "is a directory, not a checkpoint file" if Path(path).is_dir() else "does not exist"
@@ -51,8 +47,7 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> dict:
 
 def network_state(checkpoint: dict, path: str | Path, arch: str | None,
                   net: nn.Module | None = None) -> tuple[dict, str]:  # fmt: skip
-    """``(state dict of Sequential(NormalizeLayer, backbone), "lightning" or "cohen")``; no
-    weights, or another ``arch`` or shape than ``net``'s raises ``UsageError``."""
+    """``(state dict for net, "lightning" or "cohen")``; one that does not fit: ``UsageError``."""
     name = f"checkpoint {str(path)!r}"
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise UsageError(f"{name} holds no state_dict")
@@ -60,20 +55,18 @@ def network_state(checkpoint: dict, path: str | Path, arch: str | None,
     saved_arch = checkpoint.get("arch") or (checkpoint.get("hyper_parameters") or {}).get("arch")
     if arch is not None and saved_arch is not None and saved_arch != arch:
         raise UsageError(f"{name} holds a {saved_arch}, the config builds a {arch}")
-    if "arch" in checkpoint:  # Cohen et al.
-        state, kind = {k.replace("1.module.", "1.", 1): v for k, v in state.items()}, "cohen"
+    kind = "cohen" if "arch" in checkpoint else "lightning"
+    if kind == "cohen":  # the backbone under ``1.`` or ``1.module.``
+        state = {k.replace("1.module.", "1.", 1): v for k, v in state.items()}
     elif not (state := {k[4:]: v for k, v in state.items() if k.startswith("net.")}):
         raise UsageError(f"{name} has no weights under 'net.'")
-    else:
-        kind = "lightning"
     own = net.state_dict() if net is not None else state
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
-            raise UsageError(
-                f"{name} does not fit the model: {key} has shape {tuple(value.shape)} in the "
-                f"checkpoint, {tuple(own[key].shape)} in the model"
-                + (" (another number of classes)" if key.endswith("fc.weight") else "")
-            )
+            hint = " (another number of classes)" if key.endswith("fc.weight") else ""
+            saved, built = tuple(value.shape), tuple(own[key].shape)
+            raise UsageError(f"{name} does not fit the model: {key} has shape {saved} in the "
+                             f"checkpoint, {built} in the model{hint}")  # fmt: skip
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
@@ -83,13 +76,11 @@ def network_state(checkpoint: dict, path: str | Path, arch: str | None,
 
 def load_network_weights(net: nn.Module, path: str | Path, arch: str | None = None,
                          trust: bool = False) -> str:  # fmt: skip
-    """Load a checkpoint of either format into ``net`` (with Cohen et al.'s normalisation for
-    theirs); returns ``"lightning"`` or ``"cohen"``. Raises ``UsageError`` as the above."""
+    """Load a checkpoint of either format into ``net``; returns ``"lightning"`` or ``"cohen"``."""
     state, kind = network_state(read_checkpoint(path, trust), path, arch, net)
     net.load_state_dict(state)
     normalize = net[0] if isinstance(net, nn.Sequential) else None
-    if kind == "cohen" and arch in COHEN_NORMALIZATION and hasattr(normalize, "mean"):
-        mean, std = COHEN_NORMALIZATION[arch]
-        normalize.mean.copy_(torch.tensor(mean).view_as(normalize.mean))
-        normalize.std.copy_(torch.tensor(std).view_as(normalize.std))
+    if kind == "cohen" and arch in COHEN_DATA and hasattr(normalize, "mean"):
+        normalize.mean.copy_(torch.tensor(COHEN_DATA[arch].mean).view_as(normalize.mean))
+        normalize.std.copy_(torch.tensor(COHEN_DATA[arch].std).view_as(normalize.std))
     return kind

@@ -1,6 +1,5 @@
-"""``topk-smoothing``: ``fit``, ``validate``, ``test``, ``certify``, ``predict`` on one
-LightningCLI, ``radius`` and ``report`` on argparse. A user mistake: one line on stderr,
-``topk-smoothing CMD: error: ...``, exit status 2, nothing written."""
+"""``topk-smoothing``: fit, validate, test, certify, predict on one LightningCLI, radius and
+report on argparse; a user mistake: ``topk-smoothing CMD: error: ...``, exit 2, nothing written."""
 
 from __future__ import annotations
 
@@ -24,16 +23,16 @@ from lightning_modules.cli import SafeTrainer, TopkLightningCLI, innermost, one_
 #: The commands that sample the smoothed classifier (and read Cohen et al.'s checkpoints).
 SMOOTHING_COMMANDS = ("certify", "predict")
 LIGHTNING_COMMANDS = ("fit", "validate", "test", *SMOOTHING_COMMANDS)
+DESCRIPTION = ("Certified top-k robustness by randomized smoothing. Lightning commands: "
+               f"{', '.join(LIGHTNING_COMMANDS)} (see `topk-smoothing fit --help`).")  # fmt: skip
 
 
 class Trainer(CertifyingTrainer, SafeTrainer):
-    """``SafeTrainer``'s ``fit``, ``validate``, ``test``; ``CertifyingTrainer``'s ``certify``,
-    ``predict``."""
+    """``SafeTrainer``'s ``fit``, ``validate``, ``test``; ``CertifyingTrainer``'s the others."""
 
 
 class SmoothingCLI(TopkLightningCLI):
-    """``TopkLightningCLI`` with ``certify`` and ``predict``; refuses a checkpoint that does not
-    fit the model, and Cohen et al.'s for training and evaluation."""
+    """``TopkLightningCLI`` with ``certify`` and ``predict``, checking the checkpoint's network."""
 
     read_checkpoint = staticmethod(read_checkpoint)
 
@@ -50,10 +49,9 @@ class SmoothingCLI(TopkLightningCLI):
             arch = getattr(self.model, "hparams", {}).get("arch")
             _, kind = network_state(self.checkpoint, self.ckpt_path, arch, net)
             if kind == "cohen" and self.config.get("subcommand") not in SMOOTHING_COMMANDS:
-                raise UsageError(
-                    f"checkpoint {self.ckpt_path!r} is one of Cohen et al.'s models, not a "
-                    "Lightning checkpoint: only `topk-smoothing certify` and `predict` read it"
-                )
+                raise UsageError(f"checkpoint {self.ckpt_path!r} is one of Cohen et al.'s models, "
+                                 "not a Lightning checkpoint: only `topk-smoothing certify` and "
+                                 "`predict` read it")  # fmt: skip
         return super().instantiate_trainer(**kwargs)
 
 
@@ -87,8 +85,7 @@ class Numbers(argparse.Action):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse with a bad argument in one line; a list of numbers is ``--k 1 3 5`` or, as on
-    the Lightning commands, ``--k [1,3,5]``."""
+    """argparse with one-line errors; a list of numbers: ``--k 1 3 5`` or ``--k [1,3,5]``."""
 
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(message)
@@ -105,43 +102,33 @@ class OneLineParser(argparse.ArgumentParser):
         return super().add_argument(*names, **kwargs)
 
 
-def run(argv: list[str]) -> int:
-    """Run one command; user mistakes raise (``UsageError``, ``ArgumentError``, ``OSError``)."""
-    if argv and argv[0] in LIGHTNING_COMMANDS:
-        # No seed line, no progress for certify and predict: a mistake's line stays alone.
-        logging.getLogger("lightning_fabric.utilities.seed").setLevel(logging.WARNING)
-        if argv[0] in SMOOTHING_COMMANDS:
-            logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
-        SmoothingCLI(args=argv)
-        return 0
-    lightning = ", ".join(LIGHTNING_COMMANDS)
-    parser = OneLineParser(prog="topk-smoothing", description="Certified top-k robustness by "
-                           f"randomized smoothing. Lightning commands: {lightning} (see "
-                           "`topk-smoothing fit --help`).")  # fmt: skip
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
-    for name, (help_text, configure, _) in COMMANDS.items():
-        configure(sub.add_parser(name, help=help_text, description=help_text))
-    for name in LIGHTNING_COMMANDS:
-        sub.add_parser(name, help=f"see `topk-smoothing {name} --help`")
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    COMMANDS[args.command][2](args)
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``topk-smoothing COMMAND ...``: 0 on success, 2 after a one-line user mistake."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    known = argv[:1] and argv[0] in (*LIGHTNING_COMMANDS, *COMMANDS)
-    prog = "topk-smoothing" + (f" {argv[0]}" if known else "")
+    command = argv[0] if argv and argv[0] in (*LIGHTNING_COMMANDS, *COMMANDS) else None
+    prog = "topk-smoothing" + (f" {command}" if command else "")
     try:
-        return run(argv)
+        if command in LIGHTNING_COMMANDS:  # no seed line or progress: an error stays alone
+            logging.getLogger("lightning_fabric.utilities.seed").setLevel(logging.WARNING)
+            if command in SMOOTHING_COMMANDS:
+                logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+            SmoothingCLI(args=argv)
+            return 0
+        parser = OneLineParser(prog="topk-smoothing", description=DESCRIPTION)
+        sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+        for name, (help_text, configure, _) in COMMANDS.items():
+            configure(sub.add_parser(name, help=help_text, description=help_text))
+        for name in LIGHTNING_COMMANDS:
+            sub.add_parser(name, help=f"see `topk-smoothing {name} --help`")
+        if (args := parser.parse_args(argv)).command is None:
+            parser.print_help()
+            return 2
+        COMMANDS[args.command][2](args)
+        return 0
     except ArgumentError as err:  # the innermost parser message names the key and the value
         detail = one_line(innermost(err, ArgumentError))
     except ValueError as err:  # UsageError; for radius and report, the API's ValueErrors too
-        if argv[:1] and argv[0] in LIGHTNING_COMMANDS and not isinstance(err, UsageError):
+        if command in LIGHTNING_COMMANDS and not isinstance(err, UsageError):
             raise
         detail = one_line(err)
     except BrokenPipeError:  # e.g. `topk-smoothing radius ... | head`

@@ -16,16 +16,7 @@ INT64_MAX = np.iinfo(np.int64).max
 
 
 def parse_counts(text: str, name: str = "counts") -> tuple[np.ndarray, np.ndarray]:
-    """Parse count-file text into ``(counts (B, c) int64, labels (B,) int64)``.
-
-    Blank lines are skipped; every other line holds the same number (>= 3) of non-negative
-    ASCII integers, the last of which is a label in ``0..c-1``. Messages name the line.
-
-    Example:
-        >>> counts, labels = parse_counts("5 90 5 1\\r\\n0 3 97 2\\n")
-        >>> counts.tolist(), labels.tolist()
-        ([[5, 90, 5], [0, 3, 97]], [1, 2])
-    """
+    """``(counts (B, c), labels (B,))`` from rows of c counts and a label; errors name the line."""
     lines = [(no, line.split()) for no, line in enumerate(text.splitlines(), 1) if line.split()]
     for no, tokens in lines:  # numpy would read a lone non-digit character as its code point
         if bad := next((t for t in tokens if not (t.isascii() and t.isdigit())), None):
@@ -57,16 +48,13 @@ def parse_counts(text: str, name: str = "counts") -> tuple[np.ndarray, np.ndarra
 
 
 def read_counts(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Read a count file; every problem is a one-line ``UsageError`` naming the file."""
     path = Path(path)
     try:
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory, not a count file") from None
     except OSError as err:
-        raise UsageError(f"{path}: cannot read ({err.strerror})") from None
+        reason = {FileNotFoundError: "no such file", IsADirectoryError: "is a directory, not a "
+                  "count file"}.get(type(err), f"cannot read ({err.strerror})")  # fmt: skip
+        raise UsageError(f"{path}: {reason}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -75,25 +63,17 @@ def read_counts(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 
 def format_radius(value: float) -> str:
-    """A radius as the shortest text that reads back as the same float (``repr``), so a table
-    read from a TSV counts exactly what was computed; ``nan`` for an abstention.
-
-    Example:
-        >>> [format_radius(r) for r in (0.25, 1 / 3, float("inf"), float("nan"))]
-        ['0.25', '0.3333333333333333', 'inf', 'nan']
-    """
+    """The shortest text that reads back as the same float; ``nan`` for an abstention."""
     return "nan" if math.isnan(value) else repr(float(value))
 
 
 def format_counts(counts: np.ndarray, labels: np.ndarray) -> str:
-    """Rows in the count-file format (inverse of :func:`parse_counts`)."""
     table = np.column_stack([counts, labels])  # (B, c + 1)
     return "".join(" ".join(map(str, row)) + "\n" for row in table.tolist())
 
 
 def write_atomic(path: str | os.PathLike, chunks: Iterable[str | bytes]) -> None:
-    """Write ``chunks`` (text or bytes) to ``path`` through a temporary file and a rename:
-    never a half file, and the usual permissions (not mkstemp's 0600)."""
+    """Write ``chunks`` via a temporary file and a rename, with the usual permissions."""
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")

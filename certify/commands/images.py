@@ -14,26 +14,18 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from certify.math.validation import UsageError
 
 
-def evaluation_transform(dataset: Dataset):
-    """The transform of a torchvision data set (through ``Subset`` wrappers); ``ToTensor`` for
-    in-memory data sets (the digits) that have none."""
-    while not hasattr(dataset, "transform") and hasattr(dataset, "dataset"):
-        dataset = dataset.dataset
-    transform = getattr(dataset, "transform", None)
-    return transforms.ToTensor() if transform is None else transform
-
-
 class FolderImages(Dataset):
-    """Every image file under the directory ``folder`` (recursively, sorted by relative path)
-    as ``(image, -1)`` (no label), read as grey or RGB as ``shape`` has 1 or 3 channels and
-    passed through ``transform``, which must give tensors of ``shape``. An image's example id
-    is its position in the sorted list: the same noise in every run over the same folder.
-    Every file is read once here (``identity``: the folder and a digest of its files, for the
-    settings file): one that cannot be an input is refused before any output.
-    """
+    """The image files under ``folder`` (sorted by path; the id is the position) as ``(image,
+    -1)`` through the transform of ``dataset`` (through ``Subset`` wrappers; ``ToTensor`` if it
+    has none) to the shape of its inputs; each is read once here, so a bad one is refused."""
 
-    def __init__(self, folder: str | Path, transform, shape: tuple[int, ...]) -> None:
-        self.root, self.transform, self.shape = Path(folder).expanduser(), transform, tuple(shape)
+    def __init__(self, folder: str | Path, dataset: Dataset) -> None:
+        self.root = Path(folder).expanduser()
+        self.shape = tuple(torch.as_tensor(dataset[0][0]).shape)  # (C, H, W) of the inputs
+        while not hasattr(dataset, "transform") and hasattr(dataset, "dataset"):
+            dataset = dataset.dataset
+        transform = getattr(dataset, "transform", None)
+        self.transform = transforms.ToTensor() if transform is None else transform
         self.files = sorted(
             (p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS),
             key=lambda p: p.relative_to(self.root).as_posix(),
@@ -54,11 +46,8 @@ class FolderImages(Dataset):
             content = path.read_bytes()
             digest.update(f"{self.name(index)}\0{len(content)}\n".encode())
             digest.update(hashlib.sha256(content).digest())
-        self.identity = {
-            "folder": str(self.root.resolve()),
-            "files": len(self.files),
-            "sha256": digest.hexdigest(),
-        }
+        self.identity = {"folder": str(self.root.resolve()), "files": len(self.files),
+                         "sha256": digest.hexdigest()}  # fmt: skip
 
     def name(self, index: int) -> str:
         return self.files[index].relative_to(self.root).as_posix()

@@ -1,11 +1,5 @@
-"""The output directory of ``certify`` and ``predict``: crash-safe, resumable, mergeable.
-
-Each process appends one line per finished example to ``parts/rank{r}.tsv`` with one ``write``
-and an ``fsync``: a kill loses at most the examples in flight, and a torn last line is cut off
-before the file is appended to again. The settings file (``certify.json`` or ``predict.json``)
-records what determines the results; a rerun with other settings, or of the other command, is
-refused. Rank 0 merges the parts, sorted by index, into the command's files (atomic writes).
-"""
+"""The output directory of ``certify`` and ``predict``: crash-safe, resumable, mergeable
+(``docs/reliability.md``)."""
 
 from __future__ import annotations
 
@@ -17,14 +11,11 @@ from pathlib import Path
 from certify.commands.countfile import write_atomic
 from certify.math.validation import UsageError
 
-#: Datamodule arguments that change how data is loaded, not which examples it holds.
 LOADER_ONLY = ("batch_size", "num_workers", "download", "verify_md5")
 
 
 def data_identity(datamodule) -> dict:
-    """The datamodule's class and the arguments that decide its examples (for the settings
-    file): a rerun on another split seed or data directory must not resume this run's rows.
-    Not the loader's settings, nor what LightningCLI adds (``_class_path``, ...)."""
+    """The datamodule's class and the arguments that decide its examples (not the loader's)."""
     kind, hparams = type(datamodule), dict(getattr(datamodule, "hparams", {}))
     kept = {k: v for k, v in hparams.items() if k not in LOADER_ONLY and not k.startswith("_")}
     identity = {"class": f"{kind.__module__}.{kind.__qualname__}", **dict(sorted(kept.items()))}
@@ -32,21 +23,17 @@ def data_identity(datamodule) -> dict:
 
 
 def part_line(fields: Sequence, seconds: float, counts: Sequence[int]) -> str:
-    """One part line: the TSV fields, the sampling time, then the counts (space separated)."""
     return "\t".join([*map(str, fields), f"{seconds:.4f}", " ".join(map(str, counts))]) + "\n"
 
 
 class RunOutput:
-    """One run's output ``directory`` with its ``settings_file`` (``certify.json`` or
-    ``predict.json``) of the ``metadata`` that determine the results; ``header``: the TSV
-    columns of a part line, ``seconds`` last (the counts follow them)."""
+    """A run's ``directory``, its ``settings_file`` of ``metadata`` and part-line ``header``."""
 
     def __init__(self, directory, settings_file: str, metadata: dict, header: Sequence[str]):
         self.directory, self.settings_file = Path(directory), settings_file
         self.metadata, self.header = dict(metadata), list(header)
 
     def prepare(self) -> None:
-        """Create the directory and the settings file, or refuse settings that differ."""
         try:
             (self.directory / "parts").mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -82,8 +69,7 @@ class RunOutput:
                 )
 
     def read_parts(self) -> dict[int, list[str]]:
-        """Finished rows (their fields) by dataset index, from every part file; a torn last
-        piece is ignored, a row this program did not write is refused."""
+        """Finished rows by dataset index; a torn last piece is ignored, a foreign row refused."""
         rows: dict[int, list[str]] = {}
         for path in sorted((self.directory / "parts").glob("rank*.tsv")):
             lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")[:-1]
@@ -101,14 +87,12 @@ class RunOutput:
         return rows
 
     def open_part(self, rank: int) -> int:
-        """A descriptor appending to this rank's part file, a torn last line cut off first."""
         path = self.directory / "parts" / f"rank{rank}.tsv"
         if path.exists():
             os.truncate(path, path.read_bytes().rfind(b"\n") + 1)
         return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def append(self, fd: int, lines: Sequence[str]) -> None:
-        """Append whole lines with one write and an fsync; a full disk is one line."""
         data = "".join(lines).encode()
         try:
             while data:
@@ -121,7 +105,6 @@ class RunOutput:
             ) from None
 
     def merged(self, selected: Sequence[int]) -> list[list[str]] | None:
-        """The rows of ``selected`` sorted by index, or None while one is missing."""
         rows = self.read_parts()
         return None if any(i not in rows for i in selected) else [rows[i] for i in sorted(selected)]
 

@@ -1,11 +1,6 @@
-"""``topk-smoothing predict``: the smoothed classifier's top-k sets with a radius per label.
-
-``predict`` is ``CertifyingTrainer.predict``, on ``certify``'s skeleton, on a split or on a
-folder of image files (``--images``). A part line holds the index, the label (-1 for an image
-file), the k labels (-1: abstain), their radii (``nan``: abstain), the seconds, then the n0
-selection counts and the n fresh counts (0s where the selection abstained and no fresh sample
-was drawn); the merge writes ``predict.tsv`` and ``counts.tsv``.
-"""
+"""``topk-smoothing predict`` (``CertifyingTrainer.predict``): top-k sets with a radius per label,
+on a split or a folder of image files; part lines hold the n0 selection counts, then the n fresh
+ones (``docs/commands.md``)."""
 
 from __future__ import annotations
 
@@ -17,14 +12,12 @@ import pytorch_lightning as pl
 import torch
 from jsonargparse.typing import NonNegativeInt, OpenUnitInterval, PositiveFloat, PositiveInt
 
-from certify.commands.countfile import format_radius
-from certify.commands.images import FolderImages, evaluation_transform
+from certify.commands.images import FolderImages
 from certify.commands.outputs import RunOutput, data_identity
 from certify.commands.task import SamplingTask, check_options, default_output_dir, split_dataset
 from certify.math.validation import UsageError, check_top_k
 
-#: A file name as one TSV field: tabs, newlines and backslashes escaped.
-ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})  # a file name
 
 
 def predict(
@@ -39,28 +32,29 @@ def predict(
 ) -> bool:  # fmt: skip
     """Top-k sets of the smoothed classifier, with a certified radius for each label.
 
-    As ``SmoothedClassifier.predict_certified``: n0 samples of the selection streams choose k
-    labels, n fresh samples of the certify streams bound them; an answer (or one of its radii)
-    is wrong with probability at most alpha.
+    As ``SmoothedClassifier.predict_certified``: n0 samples choose k labels, n fresh samples
+    bound them; an answer (or one of its radii) is wrong with probability at most alpha.
 
     Args:
         model: the trained classifier (its ``net``, ``num_classes`` and ``sigma``).
         datamodule: provides the split, and the transforms for ``images``.
         ckpt_path: our Lightning checkpoint or one of Cohen et al.'s released models.
         trust_checkpoint: load a checkpoint that holds pickled Python objects.
-        images: a folder of image files to predict instead of a split (read recursively,
-            sorted by path, through the data set's evaluation transforms).
+        images: a folder of image files to predict instead of a split (recursive, sorted).
         split: ``test`` or ``val``.
-        n0: samples that choose the k labels; n: fresh samples that bound them.
+        n0: samples that choose the k labels.
+        n: fresh samples that bound them.
         alpha: the probability that an answer or one of its radii is wrong.
         k: the size of the label set.
-        skip: every ``skip``-th example; max_examples: at most this many (after ``skip``).
+        skip: every ``skip``-th example.
+        max_examples: at most this many examples (after ``skip``).
         batch_size: noisy samples per forward pass (default: the sampler's choice).
         seed: base seed of the noise; each example's streams are keyed by its index.
         sigma: noise level (default: the model's training sigma).
-        output_dir: where ``predict.tsv`` and ``counts.tsv`` go (default: ``runs/predict/
-            <checkpoint>_<split or folder>_n0-<n0>_n<n>_sigma<sigma>_k<k>``).
-        channels_last, autocast, compile: the sampler's options, as for ``certify``.
+        output_dir: where the files go (default: ``runs/predict/<checkpoint>_<inputs>_...``).
+        channels_last: channels-last noisy batches, as for ``certify``.
+        autocast: the forward pass in ``bf16`` or ``fp16``, as for ``certify``.
+        compile: ``torch.compile`` the base classifier, as for ``certify``.
 
     Returns:
         True when every selected example is done and ``predict.tsv`` is written.
@@ -72,8 +66,7 @@ def predict(
     who, meta = self._load(model, ckpt_path, trust_checkpoint, sigma, compile)
     dataset, names, what = split_dataset(datamodule, split), None, split
     if images is not None:
-        shape = tuple(torch.as_tensor(dataset[0][0]).shape)
-        dataset = FolderImages(images, evaluation_transform(dataset), shape)  # all read once
+        dataset = FolderImages(images, dataset)  # all read once, through its transforms
         meta["images"] = dataset.identity  # other contents: another run, another directory
         names = [dataset.name(i) for i in range(len(dataset))]
         what = f"{Path(images).name or 'images'}-{meta['images']['sha256'][:8]}"
@@ -89,12 +82,7 @@ def predict(
         chosen, radii, selection, counts = smoothed.predict_certified(
             x, k, n0, n, alpha, batch_size, seed, ids, return_counts=True
         )  # (b, k), (b, k), (b, c), (b, c)
-        both = torch.cat([selection, counts], dim=1)  # (b, 2c): the part line's counts
-        rows = zip(ids, labels.tolist(), chosen.tolist(), radii.tolist(), strict=True)
-        return [
-            ([i, y, *top, *map(format_radius, r)], c)
-            for (i, y, top, r), c in zip(rows, both.tolist(), strict=True)
-        ]
+        return chosen, radii, torch.cat([selection, counts], dim=1), None  # counts (b, 2c)
 
     def finish(rows: list[list[str]]) -> None:  # the part lines' fields, by index
         table, counts = [header], [["idx", "selection_counts", "counts"]]
@@ -119,13 +107,9 @@ def predict(
         parts.append(f"{np.mean([float(f[-2]) for f in rows]):.3f} s each on average")
         print(", ".join(parts) + f"; wrote predict.tsv and counts.tsv to {output.directory}")
 
+    per_step = max(1, min(64, (batch_size or 2048) // n))
+    task = SamplingTask("predict", output, dataset, step, finish, per_step, batch_size)
     inputs = f"images in {images}" if images is not None else f"{split} split"
-    self._sample(
-        model, who, skip, max_examples, f"n0 = {n0}, n = {n}",
-        SamplingTask("predict", output, dataset, step, finish,
-                     max(1, min(64, (batch_size or 2048) // n)), batch_size),
-        dict(n0=n0, n=n, alpha=alpha, k=k, inputs=inputs),
-        dict(batch_size=batch_size, seed=seed, channels_last=channels_last, autocast=autocast,
-             compile=compile),
-    )  # fmt: skip
-    return (output.directory / "predict.tsv").is_file()
+    settings = dict(n0=n0, n=n, alpha=alpha, k=k, inputs=inputs)
+    return self._sample(model, who, skip, max_examples, f"n0 = {n0}, n = {n}", task, settings,
+                        seed, channels_last, autocast, compile, "predict.tsv")  # fmt: skip

@@ -1,5 +1,4 @@
-"""``topk-smoothing report``: tables and a plot of certified top-k accuracy from a radii TSV
-(``certify.tsv`` or a ``radius`` output)."""
+"""``topk-smoothing report``: tables and a plot of certified top-k accuracy from a radii TSV."""
 
 from __future__ import annotations
 
@@ -23,7 +22,6 @@ DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 
 def _table(path: Path) -> list[list[str]]:
-    """The non-blank rows of a TSV, header first; an unreadable file is one line."""
     try:
         with open(path, encoding="utf-8", newline="") as handle:
             return [row for row in csv.reader(handle, delimiter="\t") if any(row)]
@@ -34,7 +32,7 @@ def _table(path: Path) -> list[list[str]]:
 
 
 def read_radii_tsv(path: str | Path) -> tuple[list[int], np.ndarray]:
-    """``(top_k, radii (N, K))`` from a TSV with ``radius_top{k}`` columns (``nan`` = abstain)."""
+    """``(top_k, radii (N, K))`` from the ``radius_top{k}`` columns (``nan``: abstain)."""
     rows = _table(Path(path))
     if not rows:
         raise UsageError(f"{path}: the file is empty")
@@ -61,7 +59,6 @@ def read_radii_tsv(path: str | Path) -> tuple[list[int], np.ndarray]:
 
 
 def accuracy_table(radii: np.ndarray, top_k: list[int], at: tuple[float, ...]):
-    """``(accuracy (K, R), acr (K,))`` by :class:`CertifiedTopKAccuracy` itself."""
     metric = CertifiedTopKAccuracy(top_k, at)
     metric.update(torch.from_numpy(radii))
     accuracy, acr = metric.compute_table()
@@ -69,7 +66,6 @@ def accuracy_table(radii: np.ndarray, top_k: list[int], at: tuple[float, ...]):
 
 
 def describe(meta: dict, count: int, samples: np.ndarray | None) -> str:
-    """The settings of a run in one line (``certify.json``; ``samples``: a sequential run's)."""
     parts = [f"examples: {count}"]
     if meta.get("mode") == "sequential":
         parts.append(f"sequential, n_max: {meta.get('n_max')}")
@@ -83,7 +79,6 @@ def describe(meta: dict, count: int, samples: np.ndarray | None) -> str:
 
 
 def plot_curves(radii: np.ndarray, top_k, description: str, path: Path) -> None:
-    """Certified accuracy against radius, one curve per k (the paper's figure 1 style)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,15 +104,9 @@ def plot_curves(radii: np.ndarray, top_k, description: str, path: Path) -> None:
 
 
 def write_report(tsv: str | Path, at=None, output_dir=None, n: int | None = None) -> dict:
-    """Write ``report.md``, ``report.csv`` and ``certified_accuracy.png``; return the numbers.
-
-    Args:
-        tsv: ``certify.tsv`` (its ``certify.json`` gives the settings) or a ``radius`` output.
-        at: the radii of the table (default: ``DEFAULT_RADII``, or a sequential run's targets:
-            accuracy between targets would be understated).
-        output_dir: where to write (default: next to ``tsv``).
-        n: samples per example, when no ``certify.json`` says.
-    """
+    """Write ``report.md``, ``report.csv`` and ``certified_accuracy.png`` next to ``tsv`` (or in
+    ``output_dir``) at the radii ``at`` (default: a sequential run's targets, or DEFAULT_RADII);
+    return the numbers. ``n``: samples per example, when no ``certify.json`` says."""
     tsv = Path(tsv)
     top_k, radii = read_radii_tsv(tsv)
     try:
@@ -140,8 +129,7 @@ def write_report(tsv: str | Path, at=None, output_dir=None, n: int | None = None
     out.mkdir(parents=True, exist_ok=True)  # only once the numbers stand
     write_atomic(out / "report.md", [markdown_table(top_k, at, accuracy, acr, description)])
     table = [["k", *(f"certified@{r:g}" for r in at), "acr"]]
-    for i, k in enumerate(top_k):
-        table.append([k, *(f"{v:.6f}" for v in accuracy[i]), f"{acr[i]:.6f}"])
+    table += [[k, *(f"{v:.6f}" for v in accuracy[i]), f"{acr[i]:.6f}"] for i, k in enumerate(top_k)]
     write_atomic(out / "report.csv", [",".join(map(str, row)) + "\n" for row in table])
     plot_curves(radii, top_k, description, out / "certified_accuracy.png")
     return {"top_k": top_k, "radii": list(at), "accuracy": accuracy, "acr": acr,
@@ -164,7 +152,6 @@ def run_report(args: argparse.Namespace) -> None:
 
 
 def log_to_wandb(loggers, result: dict) -> None:
-    """The table and the curve of ``write_report``'s ``result`` to every W&B logger."""
     from pytorch_lightning.loggers import WandbLogger
 
     if not (loggers := [lg for lg in loggers if isinstance(lg, WandbLogger)]):

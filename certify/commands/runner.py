@@ -1,12 +1,9 @@
-"""``CertifyingTrainer``: a Lightning ``Trainer`` whose methods ``certify`` and ``predict`` are
-the commands (LightningCLI makes their typed signatures the options). Both load the weights,
-prepare (or resume) the output directory, print the start-up line and run ``SamplingTask``;
-their steps draw counts with ``SmoothedClassifier.sample_counts`` and decide with
-``certify.math`` (or ``certify_sequential``), so the counts are written next to the decisions.
-"""
+"""``CertifyingTrainer``: a Lightning ``Trainer`` whose ``certify`` and ``predict`` are the
+commands (LightningCLI makes their typed signatures the options; see ``docs/commands.md``)."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Literal
 
@@ -21,7 +18,7 @@ from jsonargparse.typing import (
 )
 from torch import nn
 
-from certify.commands.countfile import format_counts, format_radius
+from certify.commands.countfile import format_counts
 from certify.commands.outputs import RunOutput, data_identity
 from certify.commands.predict import predict
 from certify.commands.report import DEFAULT_RADII, log_to_wandb, write_report
@@ -29,8 +26,6 @@ from certify.commands.task import (
     SamplingTask,
     check_options,
     default_output_dir,
-    file_sha256,
-    safe,
     split_dataset,
 )
 from certify.math import sequential as schedule
@@ -38,8 +33,7 @@ from certify.math.validation import UsageError, check_radii, check_sigma, check_
 
 
 class CertifyingTrainer(pl.Trainer):
-    """A Lightning ``Trainer`` with ``certify`` and ``predict`` of the smoothed classifier
-    (``predict`` replaces ``Trainer.predict``, which still runs the work)."""
+    """A ``Trainer`` with ``certify`` and ``predict`` (which replaces ``Trainer.predict``)."""
 
     predict = predict
 
@@ -61,8 +55,7 @@ class CertifyingTrainer(pl.Trainer):
             model: the trained classifier (its ``net``, ``num_classes`` and ``sigma``).
             datamodule: provides the split.
             ckpt_path: our Lightning checkpoint or one of Cohen et al.'s released models.
-            trust_checkpoint: load a checkpoint that holds pickled Python objects (their
-                loading can run any code: only for a file from a trusted source).
+            trust_checkpoint: load a checkpoint holding pickled Python objects (trusted ones only).
             n: noisy samples per example (the most, with ``sequential``).
             alpha: failure probability of each certificate.
             k: one k (``3``) or several (``[1,3,5]``); default: 1, 3, 5 below the class count.
@@ -73,16 +66,11 @@ class CertifyingTrainer(pl.Trainer):
             batch_size: noisy samples per forward pass (default: the sampler's choice).
             seed: base seed of the noise; each example's stream is keyed by its index.
             sigma: noise level (default: the model's training sigma).
-            output_dir: where certify.tsv, counts.txt and the report go (default:
-                ``runs/certify/<checkpoint>_<split>_n<n>_sigma<sigma>_k<k>``).
-            channels_last: lay noisy batches out channels-last (other noise layout, so other
-                counts; faster for 3-channel conv nets on CPUs and with bf16 on GPUs).
-            autocast: the base classifier's forward pass in ``bf16`` or ``fp16`` (the noise
-                stays float32); the certificates hold for the classifier as it runs.
+            output_dir: where the files go (default: ``runs/certify/<checkpoint>_<split>_...``).
+            channels_last: channels-last noisy batches (another noise layout, other counts).
+            autocast: the base classifier's forward pass in ``bf16`` or ``fp16``.
             compile: ``torch.compile`` the base classifier (compiles on the first batches).
-            sequential: sample each example in growing rounds until every k is decided at
-                every radius of ``radii`` (``docs/sequential.md``); ``certify.tsv`` gets the
-                samples drawn, and no ``counts.txt`` is written (stopped counts).
+            sequential: sample in growing rounds until every k is decided (docs/sequential.md).
             radii: the targets of ``sequential``, e.g. ``[0.25,0.5]`` (default: 0 .. 2).
 
         Returns:
@@ -100,10 +88,9 @@ class CertifyingTrainer(pl.Trainer):
                 f"{bounds!r}"
             )
         targets = check_radii(DEFAULT_RADII if radii is None else radii) if sequential else None
-        classes = int(model.num_classes)
-        top_k = check_top_k(default_top_k(classes) if k is None else k, classes)
+        top_k = check_top_k(default_top_k(int(model.num_classes)) if k is None else k,
+                            int(model.num_classes))  # fmt: skip
         who, meta = self._load(model, ckpt_path, trust_checkpoint, sigma, compile)
-        sigma, dataset = meta["sigma"], split_dataset(datamodule, split)
         meta.update(n=n, alpha=alpha, bounds=bounds, top_k=list(top_k), split=split,
                     data=data_identity(datamodule), noise_purpose="certify")  # fmt: skip
         if autocast is not None or compile:  # recorded when on, as since they were added
@@ -114,7 +101,8 @@ class CertifyingTrainer(pl.Trainer):
                         first=schedule.DEFAULT_FIRST, growth=schedule.DEFAULT_GROWTH,
                         futility=schedule.DEFAULT_FUTILITY, spending=spending)  # fmt: skip
         seq = {"seq": radii or "default"} if sequential else {}  # its own default directory
-        where = default_output_dir("certify", who["name"], split, n=n, sigma=sigma, k=top_k, **seq)
+        where = default_output_dir("certify", who["name"], split, n=n, sigma=meta["sigma"],
+                                   k=top_k, **seq)  # fmt: skip
         header = ["idx", "label", *(f"pred{i + 1}" for i in range(max(top_k)))]
         header += [*(f"radius_top{k}" for k in top_k), *["samples"][: int(sequential)], "seconds"]
         output = RunOutput(output_dir or where, "certify.json", meta, header)
@@ -125,23 +113,17 @@ class CertifyingTrainer(pl.Trainer):
                     x, labels, top_k, targets, n, alpha, batch_size, seed, example_ids=ids
                 )
                 counts, certified = cert.counts, cert.radius  # (b, c), (b, K)
-                extra = [[s] for s in cert.samples.tolist()]
             else:
                 certified, counts = smoothed.certify(
                     x, labels, top_k, n, alpha, bounds, batch_size, seed, ids, return_counts=True
                 )  # (b, K), (b, c)
-                extra = [[]] * len(ids)
             order = counts.argsort(dim=1, descending=True, stable=True)[:, : max(top_k)]
-            rows = zip(ids, labels.tolist(), order.tolist(), certified.tolist(), extra, strict=True)
-            return [
-                ([i, y, *top, *map(format_radius, r), *e], c)
-                for (i, y, top, r, e), c in zip(rows, counts.tolist(), strict=True)
-            ]
+            samples = [[s] for s in cert.samples.tolist()] if sequential else None
+            return order, certified, counts, samples  # (b, k), (b, K), (b, c), [[samples]]
 
         def finish(rows: list[list[str]]) -> None:  # the part lines' fields, by index
-            output.write(
-                "certify.tsv", ["\t".join(f) + "\n" for f in [header, *(f[:-1] for f in rows)]]
-            )
+            lines = ["\t".join(f) + "\n" for f in [header, *(f[:-1] for f in rows)]]
+            output.write("certify.tsv", lines)
             if not sequential:  # stopped counts would give `radius` no certificate
                 counts = np.array([f[-1].split() for f in rows], dtype=np.int64)  # (N, c)
                 labels = np.array([f[1] for f in rows], dtype=np.int64)  # (N,)
@@ -159,19 +141,14 @@ class CertifyingTrainer(pl.Trainer):
         if self.is_global_zero and sequential:
             print(f"certify: sequential, at most n = {n} samples per example, radii {targets}")
         per_step = 64 if sequential else max(1, min(64, (batch_size or 2048) // n))
-        self._sample(
-            model, who, skip, max_examples, f"n = {n}",
-            SamplingTask("certify", output, dataset, step, finish, per_step, batch_size),
-            dict(n=n, alpha=alpha, k=top_k, bounds=bounds, split=split),
-            dict(batch_size=batch_size, seed=seed, channels_last=channels_last,
-                 autocast=autocast, compile=compile),
-        )  # fmt: skip
-        return (output.directory / "certify.tsv").is_file()
+        task = SamplingTask("certify", output, split_dataset(datamodule, split), step, finish,
+                            per_step, batch_size)  # fmt: skip
+        settings = dict(n=n, alpha=alpha, k=top_k, bounds=bounds, split=split)
+        return self._sample(model, who, skip, max_examples, f"n = {n}", task, settings,
+                            seed, channels_last, autocast, compile, "certify.tsv")  # fmt: skip
 
     def _load(self, model, ckpt_path, trust: bool, sigma, compile: bool) -> tuple[dict, dict]:
-        """Load the weights into ``model.net``: ``who`` (the start-up line's ``description``,
-        the default directory's ``name``, the ``trained`` sigma or None) and the settings they
-        fix. Random initial weights are refused; so is ``compile`` where it cannot build code."""
+        """Load ``model.net``: ``who`` (the start-up line's, the directory's) and the settings."""
         from certify.commands.checkpoints import load_network_weights
         from certify.sampling.options import check_compile
 
@@ -188,7 +165,8 @@ class CertifyingTrainer(pl.Trainer):
             name = Path(str(pretrained)).name.split(".")[0]
         else:
             kind = load_network_weights(model.net, ckpt_path, hparams.get("arch"), trust)
-            sha256, path = file_sha256(ckpt_path), Path(ckpt_path)
+            path = Path(ckpt_path)  # the whole file: torch.load reads it all anyway
+            sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
             fmt = {"lightning": "Lightning", "cohen": "Cohen et al.'s format"}.get(kind, kind)
             description = f"{ckpt_path} ({fmt}, sha256 {sha256[:12]})"
             name = path.name.split(".")[0] or path.name
@@ -200,10 +178,8 @@ class CertifyingTrainer(pl.Trainer):
                 check_compile(self.strategy.root_device)
             except ValueError as err:
                 raise UsageError(str(err)) from None
-        # Our Lightning checkpoints carry the training sigma; Cohen et al.'s files and
-        # pretrained weights do not.
-        trained = float(model.sigma) if kind == "lightning" else None
-        who = dict(description=description, name=safe(name) or "weights", trained=trained)
+        trained = float(model.sigma) if kind == "lightning" else None  # only ours record it
+        who = dict(description=description, name=name, trained=trained)
         meta = {
             "sigma": check_sigma(float(model.sigma) if sigma is None else sigma),
             "num_classes": int(model.num_classes), "arch": hparams.get("arch"),
@@ -212,14 +188,13 @@ class CertifyingTrainer(pl.Trainer):
         return who, meta
 
     def _sample(self, model, who: dict, skip: int, max_examples: int | None, sizes: str,
-                task: SamplingTask, settings: dict, sampler: dict) -> None:  # fmt: skip
-        """Prepare (or resume) ``task.output`` for every ``skip``-th example (at most
-        ``max_examples``), print the start-up line (all a certificate is about, so a wrong
-        sigma or normalisation shows before any sampling), sample what is missing, merge."""
+                task: SamplingTask, settings: dict, seed: int, channels_last: bool, autocast,
+                compile: bool, result: str) -> bool:  # fmt: skip
+        """Prepare or resume ``task.output``, print the start-up line, sample, merge: ``result``?"""
         task.selected = list(range(0, len(task.dataset), skip))[:max_examples]
         total, meta, where = len(task.selected), task.output.metadata, task.output.directory
-        meta.update(skip=skip, max_examples=max_examples, seed=sampler["seed"], examples=total,
-                    channels_last=sampler["channels_last"])  # fmt: skip
+        meta.update(skip=skip, max_examples=max_examples, seed=seed, examples=total,
+                    channels_last=channels_last)  # fmt: skip
         task.output.prepare()
         done = sum(i in task.output.read_parts() for i in task.selected)
         if self.is_global_zero:
@@ -232,11 +207,12 @@ class CertifyingTrainer(pl.Trainer):
             device = self.strategy.root_device
             if self.world_size > 1:
                 device = f"{device.type} x {self.world_size} processes"
-            settings = dict(settings, examples=total)
-            options = dict(sampler, batch_size=sampler["batch_size"] or "tuned")
+            options = dict(batch_size=task.batch_size or "tuned", seed=seed,
+                           channels_last=channels_last, autocast=autocast,
+                           compile=compile)  # fmt: skip
             settings, options = (
                 ", ".join(f"{key} {_text(value)}" for key, value in values.items())
-                for values in (settings, options)
+                for values in (dict(settings, examples=total), options)
             )
             print(
                 f"{task.command}: checkpoint {who['description']}; arch {meta['arch'] or 'unknown'}"
@@ -244,19 +220,17 @@ class CertifyingTrainer(pl.Trainer):
                 f"{settings}; device {device}; {options}",
                 flush=True,
             )
-            if done == total:
-                print(f"{task.command}: all {total} examples are already in {where}; merging")
-            elif done:
-                print(f"{task.command}: {done} of {total} examples already in {where}, resuming")
-            else:
-                print(f"{task.command}: {total} examples, {sizes}, into {where}")
-        if done == total:
-            if self.is_global_zero:
-                task.merge()
-            return
-
-        task.net = model.net
-        pl.Trainer.predict(self, task, return_predictions=False)
+            print(f"{task.command}: " + (
+                f"all {total} examples are already in {where}; merging" if done == total
+                else f"{done} of {total} examples already in {where}, resuming" if done
+                else f"{total} examples, {sizes}, into {where}"
+            ))  # fmt: skip
+        if done < total:
+            task.net = model.net
+            pl.Trainer.predict(self, task, return_predictions=False)
+        elif self.is_global_zero:
+            task.merge()
+        return (where / result).is_file()
 
 
 def normalisation(net: nn.Module) -> str:

@@ -1,14 +1,9 @@
-"""The sampling work of ``certify`` and ``predict``, run through Lightning's predict loop.
-
-Lightning launches the processes (``--trainer.devices N``, ``--trainer.num_nodes M``) and
-shards the pending examples across them; each process appends its rows to its own part file as
-examples finish, and rank 0 merges them into the command's files (``SamplingTask``). Also the
-checks and defaults both commands share.
-"""
+"""The sampling work of ``certify`` and ``predict`` through Lightning's predict loop (which
+shards the pending examples across processes; rank 0 merges the part files), and the checks and
+defaults both commands share."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import signal
@@ -22,6 +17,7 @@ import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Dataset
 
+from certify.commands.countfile import format_radius
 from certify.commands.outputs import RunOutput, part_line
 from certify.math.validation import UsageError, check_alpha, check_seed, check_sigma
 from certify.sampling.smoothing import SmoothedClassifier
@@ -34,13 +30,8 @@ def safe(name: str) -> str:
 
 
 def default_output_dir(command: str, weights: str, what: str, **settings) -> Path:
-    """``runs/<command>/<weights>_<what>_<key><value>...`` (``n0-100`` for a key ending in a digit).
-
-    Example:
-        >>> str(default_output_dir("certify", "w", "test", n=10, sigma=0.25, k=(1, 3)))
-        'runs/certify/w_test_n10_sigma0.25_k1-3'
-    """
-    parts = [weights, safe(what)]
+    """``runs/<command>/<weights>_<what>_<key><value>...`` (``n0-100``: key ends in a digit)."""
+    parts = [safe(weights) or "weights", safe(what)]
     for key, value in settings.items():
         if isinstance(value, (list, tuple)):
             value = "-".join(map(str, value))
@@ -73,20 +64,10 @@ def split_dataset(datamodule: pl.LightningDataModule, split: str) -> Dataset:
     return dataset
 
 
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class SamplingTask(pl.LightningModule):
-    """One run of ``command``: ``step(smoothed, x (b, C, H, W), labels (b,), ids)`` (per
-    example: the part line's fields and its counts) on the examples of ``dataset`` in
-    ``selected`` that no part file of ``output`` holds yet, ``per_step`` at a time, with the
-    smoothed classifier of ``net`` and ``output.metadata``; rank 0's ``finish`` writes the
-    command's files from the merged rows. ``batch_size``: the ``--batch_size``, for messages."""
+    """``step(smoothed, x, labels, ids)`` -> labels (b, K), radii (b, K'), counts (b, c), extra
+    fields per example or None, on the ``selected`` examples of ``dataset`` not yet in
+    ``output``; rank 0's ``finish`` writes the files from the merged rows."""
 
     def __init__(self, command: str, output: RunOutput, dataset: Dataset, step: Callable,
                  finish: Callable, per_step: int, batch_size: int | None) -> None:  # fmt: skip
@@ -94,26 +75,21 @@ class SamplingTask(pl.LightningModule):
         self.command, self.output, self.dataset, self.step = command, output, dataset, step
         self.finish, self.per_step, self.batch_size = finish, per_step, batch_size
         self.selected: list[int] = []
-        self._fd: int | None = None
 
     def merge(self) -> None:
-        """Write the command's files if every selected example has its row."""
         rows = self.output.merged(self.selected)
         if rows is not None:
             self.finish(rows)
 
-    def setup(self, stage: str) -> None:
-        done = self.output.read_parts()
-        self.pending = [i for i in self.selected if i not in done]
-
     def load(self, indices: list[int]):
-        """A batch of pending examples: ``(x (b, C, H, W), labels (b,), indices)``."""
         items = [self.dataset[i][:2] for i in indices]
-        x = torch.stack([torch.as_tensor(image) for image, _ in items])
+        x = torch.stack([torch.as_tensor(image) for image, _ in items])  # (b, C, H, W)
         return x, torch.tensor([int(label) for _, label in items]), list(indices)
 
-    def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.pending, batch_size=self.per_step, collate_fn=self.load)
+    def predict_dataloader(self) -> DataLoader:  # the examples no part file holds yet
+        done = self.output.read_parts()
+        pending = [i for i in self.selected if i not in done]
+        return DataLoader(pending, batch_size=self.per_step, collate_fn=self.load)
 
     def on_predict_start(self) -> None:
         self.trainer.strategy.barrier(f"{self.command}-open")  # everyone read the parts
@@ -125,23 +101,20 @@ class SamplingTask(pl.LightningModule):
         )  # fmt: skip
 
     def on_predict_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        # Lightning's predict loop notes a SIGTERM (e.g. from `timeout` or a scheduler) but
-        # carries on; stop between batches, with the finished examples kept for a rerun.
-        if self.trainer.received_sigterm:
+        if self.trainer.received_sigterm:  # Lightning's predict loop would carry on
             if self.global_rank == 0:
                 print(
                     f"{self.command}: stopped by SIGTERM; the finished examples are kept "
                     f"in {self.output.directory}, rerun the same command to continue",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                    file=sys.stderr, flush=True,
+                )  # fmt: skip
             raise SIGTERMException(128 + signal.SIGTERM)
 
     def predict_step(self, batch, batch_idx: int) -> int:
         x, labels, indices = batch  # (b, C, H, W), (b,), [b]
         start = time.perf_counter()
         try:
-            rows = self.step(self.smoothed, x, labels, indices)
+            top, radii, counts, extra = self.step(self.smoothed, x, labels, indices)
         except RuntimeError as err:  # torch.OutOfMemoryError, or the CPU allocator's refusal
             text = str(err)
             if not isinstance(err, torch.OutOfMemoryError) and "allocate memory" not in text:
@@ -152,14 +125,16 @@ class SamplingTask(pl.LightningModule):
                 f"{tried.group(0) if tried else text.splitlines()[0][:120]}); choose a smaller "
                 "--batch_size, or leave it out to have one tuned"
             ) from None
-        seconds = (time.perf_counter() - start) / len(rows)
-        self.output.append(self._fd, [part_line(f, seconds, c) for f, c in rows])
-        return len(rows)
+        seconds = (time.perf_counter() - start) / len(indices)
+        rows = zip(indices, labels.tolist(), top.tolist(), radii.tolist(), counts.tolist(),
+                   extra or [[]] * len(indices), strict=True)  # fmt: skip
+        lines = [part_line([i, y, *t, *map(format_radius, r), *e], seconds, c)
+                 for i, y, t, r, c, e in rows]  # fmt: skip
+        self.output.append(self._fd, lines)
+        return len(lines)
 
     def on_predict_end(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        os.close(self._fd)
         self.trainer.strategy.barrier(f"{self.command}-merge")
         if self.global_rank == 0:
             self.merge()

@@ -20,11 +20,8 @@ def check_autocast(autocast: str | None) -> torch.dtype | None:
 
 
 def check_compile(device: torch.device | str) -> None:
-    """Raise ``UsageError`` (one line) if ``torch.compile`` cannot build code for ``device``.
-
-    Compiles a tiny function with inductor's caches off, so that a missing C++ compiler (CPU)
-    or Triton (GPU) shows up before a run writes anything, not at its first batch.
-    """
+    """One-line ``UsageError`` if ``torch.compile`` cannot build for ``device`` (no C++ compiler,
+    no Triton): a tiny function is compiled, caches off, before a run writes anything."""
     import torch._inductor.config as inductor_config
 
     device = torch.device(device)
@@ -32,8 +29,6 @@ def check_compile(device: torch.device | str) -> None:
     def probe(t: torch.Tensor) -> torch.Tensor:
         return t * 2 + 1
 
-    # Without caches inductor builds in a temporary directory; on failure it logs a warning
-    # that names the directory it keeps. Our one-line error says what matters.
     quiet = logging.getLogger("torch._inductor.utils")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -43,7 +38,8 @@ def check_compile(device: torch.device | str) -> None:
     except Exception as err:  # BackendCompilerFailed, InvalidCxxCompiler, missing Triton...
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         reason = lines[0] if lines else type(err).__name__
-        message = f"compile is on but torch.compile fails on {device.type}: {reason}"
-        raise UsageError(message) from None
+        raise UsageError(
+            f"compile is on but torch.compile fails on {device.type}: {reason}"
+        ) from None
     finally:
         quiet.setLevel(level)

@@ -1,9 +1,7 @@
 """The smoothed classifier: Monte Carlo counts of a base classifier under Gaussian noise.
 
-Reproducibility: the noise of every input is a pure function of ``(seed, example_id, purpose,
-sample index)`` on a given device type (``certify.sampling.noise``), so the counts of an input
-do not depend on the batch size, on the other inputs of the call or on the process that
-handles it.
+An input's counts depend only on (seed, example id, purpose, sample index): see
+docs/architecture.md, "The sampling loop".
 """
 
 from __future__ import annotations
@@ -38,13 +36,8 @@ from certify.math.validation import (
 )
 from certify.sampling.noise import check_purpose, chunk_seeds, noise_chunk, stream_seed
 
-#: A typical batch size, for callers planning how many inputs to pass per call; the sampler
-#: itself chooses the batch size when none is given (``SmoothedClassifier.auto_batch_size``).
-DEFAULT_BATCH_SIZE = 1000
-#: The automatic batch size: the largest power of two whose noisy inputs and activations
-#: (``ACTIVATIONS`` times the largest output of a leaf module, per sample) fit in
-#: ``CPU_BATCH_BYTES`` on a CPU, in ``GPU_MEMORY_FRACTION`` of the free memory on a GPU, and
-#: at most ``MAX_BATCH`` (CPU, GPU). On a CPU a larger batch is no faster; on a GPU it is.
+DEFAULT_BATCH_SIZE = 1000  #: a typical batch size, for callers planning their calls
+#: ``auto_batch_size``'s memory budget and caps (CPU, GPU); nothing is timed.
 ACTIVATIONS = 4
 CPU_BATCH_BYTES = 128 * 2**20
 GPU_MEMORY_FRACTION = 0.25
@@ -56,25 +49,16 @@ IdsLike = Sequence[int] | torch.Tensor | None
 class SmoothedClassifier:
     """Randomized smoothing of a base classifier ``model`` with noise N(0, sigma^2 I).
 
-    Sampling runs on the model's device: the noise is drawn there, several inputs share a
-    forward batch when n is small, the counts stay there (no host round trip per batch) and
-    at most one batch (plus one noise chunk) of noisy inputs exists at a time.
+    Sampling runs on the model's device. The options may change the counts (numerics or
+    noise layout); each keeps them reproducible and independent of the batch size.
 
     Args:
-        model: base classifier mapping ``(B, *input_shape)`` inputs in [0, 1] pixel space to
-            ``(B, num_classes)`` scores. Its first module should normalise, so that the noise
-            is added before normalisation.
+        model: ``(B, *input_shape)`` pixel-space inputs -> ``(B, num_classes)`` scores.
         num_classes: number of labels c.
-        sigma: standard deviation of the Gaussian noise, in input (pixel) units.
-        autocast_dtype: optional reduced precision for the forward pass (e.g.
-            ``torch.bfloat16``). The noise is always drawn in float32 or wider.
-        channels_last: lay 4-D noisy batches out channels-last (the noise is drawn in that
-            memory order, so the counts differ from the default layout's).
-        compile: run the model through ``torch.compile`` (compiled on first use); a string
-            is its ``mode``, e.g. ``"reduce-overhead"`` (CUDA graphs on a GPU).
-
-    The options change the base classifier's numerics or the noise layout, so they may change
-    the counts; each keeps them reproducible and independent of the batch size.
+        sigma: standard deviation of the noise, in pixel units.
+        autocast_dtype: reduced precision of the forward pass (the noise stays float32+).
+        channels_last: 4-D noisy batches channels-last (noise drawn in that memory order).
+        compile: ``torch.compile`` the model; a string is its ``mode`` (``"reduce-overhead"``).
 
     Example:
         >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
@@ -113,28 +97,16 @@ class SmoothedClassifier:
         self, x: torch.Tensor, n: int, batch_size: int | None = None, seed: int | None = None,
         example_ids: IdsLike = None, purpose: str = "certify", start: int = 0,
     ) -> torch.Tensor:  # fmt: skip
-        """Count the base classifier's predictions on ``n`` noisy copies of each input.
+        """``(B, num_classes)`` int64 counts (on the model's device) of ``n`` noisy copies each.
 
         Args:
             x: ``(B, *input_shape)`` float inputs in pixel space.
-            n: number of noisy samples per input.
-            batch_size: noisy samples per forward pass (several inputs share a batch when n is
-                small). Defaults to ``auto_batch_size``; never more than the call's ``B * n``
-                samples (the counts do not depend on it).
-            seed: base seed. With a seed, each input's noise depends only on
-                ``(seed, example_id, purpose)``; without one, a seed is drawn from torch's
-                global RNG.
-            example_ids: ``(B,)`` integer ids naming the inputs' noise streams (e.g. their
-                dataset indices); defaults to ``0..B-1``.
-            purpose: what the samples are for (``certify.sampling.noise.PURPOSES``):
-                ``"certify"``, ``"validation"`` (the callback) or ``"selection"`` (samples
-                that choose labels); the same seed and id give unrelated noise for each.
-            start: index of the first sample of each stream (samples ``start .. start + n -
-                1``), a multiple of the noise chunk (``noise_chunk``: 128 on a CPU). Rounds
-                ``[0, a)`` and ``[a, b)`` count the same samples as one call ``[0, b)``.
-
-        Returns:
-            ``(B, num_classes)`` int64 counts on the model's device; every row sums to n.
+            n: noisy samples per input.
+            batch_size: samples per forward pass (default ``auto_batch_size``; no effect on counts).
+            seed: base seed; ``None`` draws one from torch's global RNG.
+            example_ids: ``(B,)`` ids naming the noise streams (default ``0..B-1``).
+            purpose: ``"certify"``, ``"validation"`` or ``"selection"`` (``noise.PURPOSES``).
+            start: first sample index of each stream, a multiple of ``noise_chunk``.
         """
         x, ids, seed = self._check(x, seed, example_ids, n=n, batch_size=batch_size)
         check_purpose(purpose)
@@ -147,17 +119,9 @@ class SmoothedClassifier:
         return self._counts(x, n, batch_size, seed, ids, purpose, start)
 
     def auto_batch_size(self, input_shape: Sequence[int], dtype=torch.float32) -> int:
-        """The batch size ``sample_counts`` uses when none is given (chosen once, then kept).
-
-        The largest power of two, at most ``MAX_BATCH``, whose inputs and ``ACTIVATIONS``
-        copies of the largest leaf-module output per sample (found by a forward pass of two
-        zero inputs) fit in the memory budget: ``CPU_BATCH_BYTES``, or on a GPU
-        ``GPU_MEMORY_FRACTION`` of its free memory. No timing: a busy machine gets the same.
-
-        Args:
-            input_shape: the shape of one input, e.g. ``(3, 32, 32)``.
-            dtype: the dtype of the noisy inputs (float32, or float64 for float64 inputs).
-        """
+        """The largest power of two (<= ``MAX_BATCH``) whose inputs and ``ACTIVATIONS`` copies of
+        the largest leaf output per sample fit ``CPU_BATCH_BYTES`` (CPU) or
+        ``GPU_MEMORY_FRACTION`` of free GPU memory; chosen once per shape, dtype and device."""
         device = self.device
         key = (tuple(input_shape), dtype, str(device))
         if key in self._batch_sizes:
@@ -187,7 +151,6 @@ class SmoothedClassifier:
         return self._batch_sizes[key]
 
     def _counts(self, x, n, batch_size, seed, ids, purpose, start=0) -> torch.Tensor:
-        """``sample_counts`` on checked arguments: model in eval mode, inference mode on."""
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         x = x.to(device=self.device, dtype=dtype)  # (B, *shape)
         batch_size = batch_size or self.auto_batch_size(x.shape[1:], dtype)
@@ -195,15 +158,9 @@ class SmoothedClassifier:
             return self._sample(x, n, min(batch_size, x.shape[0] * n), seed, ids, purpose, start)
 
     def _sample(self, x, n, batch_size, seed, ids, purpose, start) -> torch.Tensor:
-        """THE SAMPLING LOOP: whole noise chunks into a buffer, full batches out of it.
-
-        Chunk j of every input is drawn whole (``certify.sampling.noise``) after the rows
-        already in the buffer, and the input is added to it. Whenever ``batch_size`` rows or
-        more are filled, full batches are classified and counted, and the rows left over
-        (fewer than a batch) move to the front; a last partial batch ends the loop. A count
-        does not depend on the order in which samples are seen, so the counts are those of
-        the noise streams whatever the batch size and the other inputs.
-        """
+        """THE SAMPLING LOOP (docs/architecture.md): whole noise chunks fill a buffer, full
+        batches are classified and counted, the rows left over move to the front. Counting
+        ignores order: the counts are the streams' whatever the batch size and other inputs."""
         device, c, shape = x.device, self.num_classes, x.shape[1:]
         chunk = noise_chunk(device, shape)
         first, chunks = start // chunk, -(-n // chunk)  # this call's chunks of each stream
@@ -246,7 +203,6 @@ class SmoothedClassifier:
         return counts.view(x.shape[0], c)
 
     def _labels(self, batch: torch.Tensor) -> torch.Tensor:
-        """Forward pass (with the options) and argmax: ``(m, *shape)`` -> ``(m,)``."""
         if self._module is not self.model:  # compiled: a new CUDA-graph step per batch
             torch.compiler.cudagraph_mark_step_begin()
         precision = contextlib.nullcontext()
@@ -263,7 +219,6 @@ class SmoothedClassifier:
 
     @contextlib.contextmanager
     def _evaluating(self):
-        """The model in eval mode under inference mode; its mode is restored after."""
         was_training = self.model.training
         self.model.eval()
         try:
@@ -274,9 +229,7 @@ class SmoothedClassifier:
 
     # ------------------------------------------------------------------ checks
     def _check(self, x, seed, example_ids, **positive) -> tuple[torch.Tensor, list[int], int]:
-        """Check the sampling arguments once: ``(x, example ids, seed)``; a seed is drawn from
-        torch's global RNG when none is given. ``positive``: integers >= 1 (or None for
-        ``batch_size``)."""
+        """Checked ``(x, example ids, seed)``; ``positive``: integers >= 1 (batch_size: or None)."""
         if not isinstance(x, torch.Tensor):
             raise UsageError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim < 2:
@@ -308,14 +261,8 @@ class SmoothedClassifier:
         seed: int | None = None, example_ids: IdsLike = None, purpose: str = "certify",
         return_counts: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """Certified top-k radius of ``labels`` for every k (CERTIFY of the paper).
-
-        ``purpose``: the noise streams' purpose (``sample_counts``).
-
-        Returns:
-            float64 ``(B, len(top_k))`` on the CPU; NaN where the label is not certified.
-            With ``return_counts``: ``(radii, counts (B, c) int64)``.
-        """
+        """CERTIFY: float64 ``(B, len(top_k))`` radii of ``labels`` on the CPU, NaN = not
+        certified; with ``return_counts`` also the ``(B, c)`` counts."""
         x, ids, seed = self._check(x, seed, example_ids, n=n, batch_size=batch_size)
         top_k = check_top_k(top_k, self.num_classes)
         check_alpha(alpha)
@@ -330,17 +277,8 @@ class SmoothedClassifier:
         self, x: torch.Tensor, k: int, n: int, alpha: float, batch_size: int | None = None,
         seed: int | None = None, example_ids: IdsLike = None,
     ) -> torch.Tensor:  # fmt: skip
-        """The top-k label set of the smoothed classifier, or a row of -1 (abstain).
-
-        All c labels get simultaneous one-sided Clopper-Pearson bounds at level alpha / c; the
-        k most frequent labels are returned only when the smallest lower bound among them
-        exceeds the largest upper bound outside them. A wrong set needs a lower bound of a
-        label outside the true top-k or an upper bound of one inside it to fail: c one-sided
-        events of probability alpha / c each, so the set is wrong with probability <= alpha.
-
-        Returns:
-            int64 ``(B, k)`` on the CPU, labels ordered by decreasing count.
-        """
+        """The smoothed top-k set, int64 ``(B, k)`` on the CPU by decreasing count, or a row of
+        -1 (abstain); wrong with probability <= alpha (``certify.math.prediction.top_k_set``)."""
         x, ids, seed = self._check(x, seed, example_ids, n=n, batch_size=batch_size)
         (k,) = check_top_k(k, self.num_classes)
         check_alpha(alpha)
@@ -352,18 +290,9 @@ class SmoothedClassifier:
         batch_size: int | None = None, seed: int | None = None, example_ids: IdsLike = None,
         return_counts: bool = False,
     ) -> tuple[torch.Tensor, ...]:  # fmt: skip
-        """The top-k label set with a certified radius for each label, or an abstention.
-
-        ``n0`` samples of the selection streams choose the k labels (``select_top_k``); where
-        they single out k labels, ``n`` fresh samples of the certify streams bound them
-        (``certified_prediction``). With probability >= 1 - alpha an answer is the smoothed
-        top-k set and each label l stays in it for every perturbation of l2 norm < its radius.
-
-        Returns:
-            ``(labels (B, k) int64, radii (B, k) float64)`` on the CPU; -1 and NaN = abstain.
-            With ``return_counts`` also the selection counts and the fresh counts ``(B, c)``
-            (zeros where no k labels were singled out).
-        """
+        """``(labels (B, k), radii (B, k))`` on the CPU, -1 and NaN = abstain: ``n0`` selection
+        samples choose the labels, ``n`` fresh certify samples bound them; with
+        ``return_counts`` also both ``(B, c)`` counts (zeros where none was chosen)."""
         x, ids, seed = self._check(x, seed, example_ids, n0=n0, n=n, batch_size=batch_size)
         (k,) = check_top_k(k, self.num_classes)
         check_alpha(alpha)
@@ -384,18 +313,9 @@ class SmoothedClassifier:
         first: int = DEFAULT_FIRST, growth: float = DEFAULT_GROWTH,
         futility: float | None = DEFAULT_FUTILITY,
     ) -> SequentialCertificate:  # fmt: skip
-        """Sequential CERTIFY at the target ``radii``, at most ``n_max`` samples per input.
-
-        The looks of ``look_schedule(n_max, first, growth)`` are rounded up to whole noise
-        chunks, and round r draws samples ``start .. start + m - 1`` of each still active
-        input's stream, ``start`` being what the earlier rounds drew: the counts after any
-        round are those of one ``sample_counts`` call with as many samples. Arguments as in
-        ``certify`` and ``certify.math.sequential.certify_sequential``.
-
-        Returns:
-            A ``SequentialCertificate`` on the CPU: ``radius`` ``(B, K)`` (the largest target
-            certified per k, NaN where none is), ``samples`` ``(B,)``, ``counts`` ``(B, c)``.
-        """
+        """Sequential CERTIFY at ``radii``, at most ``n_max`` samples per input: a
+        ``SequentialCertificate`` on the CPU. Each round continues every active stream where
+        the last stopped (looks in whole noise chunks), so counts equal one longer call's."""
         x, ids, seed = self._check(x, seed, example_ids, n_max=n_max, batch_size=batch_size)
         labels = check_labels(labels, x.shape[0], self.num_classes)  # (B,)
         check_purpose(purpose)
@@ -404,7 +324,6 @@ class SmoothedClassifier:
         drawn = [0]  # samples of each active stream drawn so far
 
         def draw(m: int, active: torch.Tensor) -> torch.Tensor:
-            """Counts of the next ``m`` samples of each active input; zeros elsewhere."""
             counts = torch.zeros(x.shape[0], self.num_classes, dtype=torch.int64)  # (B, c)
             rows = active.nonzero().flatten().tolist()
             if rows:

@@ -1,12 +1,4 @@
-"""Certified top-k accuracy measured while training: a Lightning callback.
-
-After a validation epoch the callback certifies a fixed, evenly spread subset of the
-validation split with the smoothed version of the module's network, each process taking its
-own share, and logs ``val/certified_top{k}@{r}``, ``val/acr_top{k}`` and
-``val/certify_seconds`` to every logger (plus a curve of certified accuracy against radius to
-W&B). Noise streams are seeded by dataset index and the metric reduces exactly, so the numbers
-do not depend on the number of processes.
-"""
+"""Certified top-k accuracy measured while training: a Lightning callback (docs/training.md)."""
 
 from __future__ import annotations
 
@@ -36,29 +28,28 @@ from certify.training.metric import CertifiedTopKAccuracy, markdown_table
 
 
 class CertificationCallback(pl.Callback):
-    """Certify part of the validation split after validation epochs.
+    """Certify an evenly spread subset of the validation split after validation epochs, each
+    process its share (noise keyed by dataset index, exact metric: any process count gives
+    the same numbers); logs ``val/certified_top{k}@{r}``, ``val/acr_top{k}``,
+    ``val/certify_seconds`` (and a W&B curve).
 
     Args:
-        top_k: the k values; ``None`` means (1, 3, 5) without those >= num_classes.
-        radii: radii at which certified accuracy is logged (distinct, finite, >= 0).
-        n: noisy samples per example.
+        top_k: the k values; ``None``: (1, 3, 5) below num_classes.
+        radii: radii at which certified accuracy is logged.
+        n: noisy samples per example (the most, when sequential).
         alpha: failure probability of each certificate.
         bounds: ``"simuem"`` or ``"binocp"``.
         batch_size: noisy samples per forward pass (``None``: the sampler's choice).
-        num_examples: how many validation examples (evenly spread, the same every epoch);
-            ``None``: all of them (costly on a large split).
-        every_n_epochs: certify after every n-th training epoch (and always in ``validate``).
+        num_examples: validation examples certified (``None``: all).
+        every_n_epochs: certify after every n-th training epoch (always in ``validate``).
         last_epoch: also certify after the last training epoch.
-        sigma: noise level; ``None`` uses the module's training ``sigma``.
-        seed: base seed of the noise (each example's stream is keyed by its dataset index).
+        sigma: noise level; ``None``: the module's ``sigma``.
+        seed: base seed of the noise.
         examples_per_call: examples handed to the sampler at once.
         channels_last: the sampler's ``channels_last`` option.
-        autocast: ``"bf16"`` or ``"fp16"``: the sampler's forward passes in that precision.
-        sequential: certify in growing rounds of samples with ``n`` as the most per example,
-            stopping an example once every k is decided at every radius of ``radii``
-            (``docs/sequential.md``): the same certified accuracy at ``radii`` from a fraction
-            of the samples. The logged ACR then averages the radii reached (a lower bound),
-            and ``val/certify_samples`` is the mean number of samples per example.
+        autocast: ``"bf16"`` or ``"fp16"`` forward passes.
+        sequential: certify in growing rounds (``docs/sequential.md``); the ACR is then a lower
+            bound and ``val/certify_samples`` the mean samples per example.
     """
 
     def __init__(
@@ -138,7 +129,6 @@ class CertificationCallback(pl.Callback):
         self._first_epoch = trainer.current_epoch  # after a resume, not 0
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Report the share of the fit's wall time spent certifying (logged and printed)."""
         if self._fit_start is None or self._first_epoch is None:
             return
         spent, total = self.certify_seconds, time.perf_counter() - self._fit_start
@@ -239,14 +229,11 @@ class CertificationCallback(pl.Callback):
 
     @rank_zero_only
     def _log_curve(self, trainer: pl.Trainer, accuracy: torch.Tensor) -> None:
-        """The certified accuracy against radius as a W&B line chart, one line per k."""
         for logger in [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]:
             import wandb
 
             keys = [f"top-{k}" for k in self.top_k]
             curve = wandb.plot.line_series(list(self.radii), accuracy.cpu().tolist(), keys,
                                            "Certified accuracy vs radius", "radius")  # fmt: skip
-            step = trainer.global_step
-            logger.experiment.log(
-                {"val/certified_accuracy_curve": curve, "trainer/global_step": step}
-            )
+            step = {"trainer/global_step": trainer.global_step}
+            logger.experiment.log({"val/certified_accuracy_curve": curve, **step})

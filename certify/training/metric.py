@@ -21,52 +21,19 @@ def radius_key(k: int, r: float) -> str:
 
 
 def exact_mean(values: list[float], count: int) -> float:
-    """The mean of ``values`` (``count`` of them, NaN ones counted as 0) rounded once.
-
-    Every float64 is a dyadic rational, so the ``Fraction`` sum is exact and does not depend
-    on the order of ``values``: one process or many, any batching, the same bits. One infinite
-    value makes the mean infinite.
-    """
+    """The mean of ``values`` (NaN counted as 0), rounded once: the ``Fraction`` sum is exact,
+    so any order (any process count or batching) gives the same bits; any inf gives inf."""
     if any(math.isinf(v) for v in values):
         return math.inf
     return float(sum((Fraction(v) for v in values if not math.isnan(v)), Fraction(0)) / count)
 
 
-def _certified_topk_accuracy_update(radii: Tensor, thresholds: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-batch sums: examples certified at each radius ``(K, R)`` and the count ``()``.
-
-    Args:
-        radii: ``(B, K)`` certified radii of the true labels, >= 0; NaN = not certified,
-            ``inf`` = certified at every radius.
-        thresholds: ``(R,)`` radii at which accuracy is reported.
-    """
-    certified = radii[:, :, None] >= thresholds[None, None, :]  # (B, K, R); NaN is never >=
-    return certified.sum(dim=0), torch.tensor(radii.shape[0], device=radii.device)
-
-
-def _certified_topk_accuracy_compute(
-    certified: Tensor, total: Tensor, radius_list: list[Tensor] | Tensor
-) -> tuple[Tensor, Tensor]:
-    """``(accuracy (K, R), acr (K,))`` in float64 from the sums and the flattened radii of
-    every batch (a list, or one tensor once gathered); NaN when no example was seen."""
-    count, width = int(total), certified.shape[0]
-    if count == 0:
-        nan = torch.full((width,), float("nan"), dtype=torch.float64)
-        return nan[:, None].expand(certified.shape).clone(), nan
-    radii = dim_zero_cat(radius_list).view(count, width)  # (N, K)
-    acr = [exact_mean(column, count) for column in radii.T.tolist()]  # (K,)
-    return certified.double() / count, torch.tensor(acr, dtype=torch.float64)
-
-
 class CertifiedTopKAccuracy(Metric):
     """Certified top-k accuracy at chosen l2 radii, and the average certified radius (ACR).
 
-    Certified top-k accuracy at radius r is the fraction of examples whose true label is
-    certified to stay in the top-k within radius r (an abstention fails at every r, r = 0
-    included); the ACR averages the certified radius with 0 for abstentions. An infinite
-    radius (nothing bounds the label) is certified at every radius and makes the ACR infinite.
-    Counts are integer sum states; the radii are gathered (``cat``) and their mean is exact
-    (``exact_mean``), so the result under DDP is the single-process result, bit for bit.
+    An abstention (NaN) fails at every r and counts 0 in the ACR; an infinite radius passes
+    every r and makes the ACR infinite. Counts are integer sums and the radii are gathered and
+    averaged exactly, so DDP gives the single-process result bit for bit.
 
     Args:
         top_k: the k of each column of the radii passed to ``update``.
@@ -106,15 +73,21 @@ class CertifiedTopKAccuracy(Metric):
         if (radii < 0).any():
             bad = radii[radii < 0][0].item()
             raise UsageError(f"radii must be >= 0 (NaN for an abstention), got {bad}")
-        radii = radii.to(self.certified.device, torch.float64)
-        certified, total = _certified_topk_accuracy_update(radii, self.thresholds)
-        self.certified += certified
-        self.total += total
+        radii = radii.to(self.certified.device, torch.float64)  # (B, K)
+        certified = radii[:, :, None] >= self.thresholds[None, None, :]  # (B, K, R); NaN: never
+        self.certified += certified.sum(dim=0)  # (K, R)
+        self.total += radii.shape[0]
         self.radius_list.append(radii.flatten())
 
     def compute_table(self) -> tuple[Tensor, Tensor]:
-        """``(accuracy (len(top_k), len(radii)), acr (len(top_k),))`` as float64 tensors."""
-        return _certified_topk_accuracy_compute(self.certified, self.total, self.radius_list)
+        """``(accuracy (K, R), acr (K,))`` as float64 tensors; NaN when no example was seen."""
+        count, width = int(self.total), len(self.top_k)
+        if count == 0:
+            nan = torch.full((width,), float("nan"), dtype=torch.float64)
+            return nan[:, None].expand(self.certified.shape).clone(), nan
+        radii = dim_zero_cat(self.radius_list).view(count, width)  # (N, K)
+        acr = [exact_mean(column, count) for column in radii.T.tolist()]  # (K,)
+        return self.certified.double() / count, torch.tensor(acr, dtype=torch.float64)
 
     def compute(self) -> dict[str, Tensor]:
         """Accuracy and ACR keyed ``certified_top{k}@{r:g}`` and ``acr_top{k}``."""
@@ -131,12 +104,8 @@ class CertifiedTopKAccuracy(Metric):
         return out
 
     def plot(self, val: dict[str, Tensor] | None = None, ax: Any = None) -> tuple[Any, Any]:
-        """Certified accuracy against radius, one curve per k; returns ``(figure, axis)``.
-
-        Args:
-            val: a result of ``compute()``; computed now when omitted.
-            ax: a matplotlib axis to draw into; a new figure when omitted.
-        """
+        """Certified accuracy against radius, one curve per k (``val`` default: ``compute()``;
+        ``ax`` default: a new figure); returns ``(figure, axis)``."""
         import matplotlib
 
         if ax is None:
