@@ -160,3 +160,9 @@ def digits_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("digits_checkpoint") / "digits.ckpt"
     trainer.save_checkpoint(path)
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    from tests.console import SELECTED
+
+    config.stash[SELECTED] = items  # what runs, for tests that start a process ahead of time

@@ -7,6 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+#: The tests pytest will run (``conftest.pytest_collection_modifyitems`` keeps them here).
+SELECTED = pytest.StashKey[list]()
+
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "configs" / "digits.yaml")
 QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
@@ -26,7 +31,7 @@ def start_command(request, cwd: Path, *args) -> subprocess.Popen | None:
     """``topk-smoothing ARGS...`` started in a fresh process in ``cwd`` (output captured as
     text), for a ``ddp`` test of ``request``'s module: it runs while the module's other tests
     run here. None when no such test is selected."""
-    selected = request.session.items
+    selected = request.config.stash[SELECTED]
     if not any(i.module is request.module and i.get_closest_marker("ddp") for i in selected):
         return None
     command = [sys.executable, "-m", "certify", *map(str, args)]
