@@ -199,7 +199,7 @@ def test_a_batch_size_beyond_memory_is_one_line(isolated_run, capsys, checkpoint
     argv = ["certify", "--config", DIGITS, "--ckpt_path", ckpt, *QUIET, *CERTIFY]
     message = (
         f"batch_size {10**10} does not fit in memory (tried to allocate 2560000000000 bytes); "
-        "choose a smaller --batch_size, or leave it out to have one tuned"
+        "choose a smaller --batch_size, or leave it out to have one chosen"
     )  # 2.56 TB
     assert main([*argv, "--batch_size", str(10**10), "--n", str(10**10)]) == 2
     assert_only_line(capsys.readouterr().err, "certify", message)

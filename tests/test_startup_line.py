@@ -29,7 +29,7 @@ def test_certify_names_a_sigma_other_than_the_training_sigma(
     assert rest[12:] == (
         "); arch digits_cnn; sigma 0.5 (NOT the training sigma 0.25); normalisation mean "
         "(0.3053) std (0.376); n 10, alpha 0.001, k 1 3 5, bounds simuem, split test, "
-        "examples 1; device cpu; batch_size tuned, seed 0, channels_last false, autocast none, "
+        "examples 1; device cpu; batch_size automatic, seed 0, channels_last false, autocast none, "
         "compile false"
     )
 

@@ -207,7 +207,7 @@ class CertifyingTrainer(pl.Trainer):
             device = self.strategy.root_device
             if self.world_size > 1:
                 device = f"{device.type} x {self.world_size} processes"
-            options = dict(batch_size=task.batch_size or "tuned", seed=seed,
+            options = dict(batch_size=task.batch_size or "automatic", seed=seed,
                            channels_last=channels_last, autocast=autocast,
                            compile=compile)  # fmt: skip
             settings, options = (

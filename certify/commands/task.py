@@ -121,9 +121,9 @@ class SamplingTask(pl.LightningModule):
                 raise
             tried = re.search(r"tried to allocate [\d.]+ ?\w+", text, re.IGNORECASE)
             raise UsageError(
-                f"batch_size {self.batch_size or '(tuned)'} does not fit in memory ("
+                f"batch_size {self.batch_size or '(automatic)'} does not fit in memory ("
                 f"{tried.group(0) if tried else text.splitlines()[0][:120]}); choose a smaller "
-                "--batch_size, or leave it out to have one tuned"
+                "--batch_size, or leave it out to have one chosen"
             ) from None
         seconds = (time.perf_counter() - start) / len(indices)
         rows = zip(indices, labels.tolist(), top.tolist(), radii.tolist(), counts.tolist(),
