@@ -20,9 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from certify.commands.countfile import format_radius
 from certify.commands.outputs import RunOutput, part_line
 from certify.math.validation import UsageError, check_alpha, check_seed, check_sigma
+from certify.sampling.options import AUTOCAST_DTYPES
 from certify.sampling.smoothing import SmoothedClassifier
-
-AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def safe(name: str) -> str:
@@ -96,7 +95,7 @@ class SamplingTask(pl.LightningModule):
         self._fd = self.output.open_part(self.global_rank)
         meta = self.output.metadata  # `net` is on its device now
         self.smoothed = SmoothedClassifier(
-            self.net, meta["num_classes"], meta["sigma"], AUTOCAST[meta.get("autocast")],
+            self.net, meta["num_classes"], meta["sigma"], AUTOCAST_DTYPES[meta.get("autocast")],
             channels_last=meta["channels_last"], compile=meta.get("compile", False),
         )  # fmt: skip
 
