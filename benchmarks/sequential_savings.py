@@ -1,33 +1,22 @@
 """Samples saved by sequential certification, at the certified accuracy of fixed n.
 
-Every input is a multinomial whose probabilities are the proportions of a row of counts:
+Every input is a multinomial with the proportions of a row of counts: CIFAR-10, the authors'
+ResNet-110 at sigma = 0.25 (500 test images, ``tests/data/cifar10_resnet110_sigma0.25``);
+digits, the CNN of ``configs/digits.yaml`` on its 360 test images at n = 10,000 (trained and
+certified here in a temporary directory unless ``--digits-counts`` or ``--digits-ckpt``).
 
-- CIFAR-10: the authors' counts of a ResNet-110 at sigma = 0.25 (500 test images,
-  ``tests/data/cifar10_resnet110_sigma0.25/counts.txt``);
-- digits: the counts of the digits CNN of ``configs/digits.yaml`` on its 360 test images,
-  n = 10,000, sigma = 0.25. The script trains it (``topk-smoothing fit``) and certifies it
-  (``topk-smoothing certify --n 10000``) in a temporary directory, unless given a count file
-  (``--digits-counts``) or a checkpoint (``--digits-ckpt``).
-
-For each input, one stream of n_max = 100,000 samples is drawn; the fixed-n method bounds all
-of them (``certified_radius``, SimuEM, alpha = 0.001) and reports the largest target radius
-(0.25, 0.5, 0.75) below its radius; each sequential method looks at prefixes of the same
-stream (so the comparison is paired). Certified top-k accuracy at each target radius and the
-mean and median samples per input are averaged over ``--repeats`` streams, for k = 1, 3, 5
-each certified alone, and for the three certified together (one run decides every k). The
-sequential methods:
-
-- ``sequential``: the defaults of ``certify.math.sequential`` (looks 1,000 x 1.25^j, 3/4 of
-  alpha at n_max, the rest evenly; a target is given up when optimistic bounds at level 0.02
-  show it out of reach at n_max);
-- ``doubling``: looks 1,000 x 2^j, alpha evenly over the 8 looks, a target given up on the
-  point estimates (bounds at level 0.5).
-
-Also printed: where the samples of ``sequential`` go, by how many targets fixed n certifies.
+One stream of n_max = 100,000 samples per input is shared by every method (paired): fixed n
+bounds all of it (``certified_radius``, SimuEM, alpha = 0.001) and reports the largest target
+(0.25, 0.5, 0.75) within its radius; a sequential method reads prefixes of it. Certified top-k
+accuracy and mean and median samples per input, averaged over ``--repeats`` streams, for
+k = 1, 3, 5 alone and together (one run decides every k). Methods: ``sequential``, the
+library's defaults; ``no budget``, the same pursuing every reachable target to n_max;
+``mixture``, the mixture confidence sequence after the first look (``docs/sequential.md``).
+``--variants`` adds the trade-off curve (futility, budget, bounds) and a clairvoyant ceiling.
 
     python benchmarks/sequential_savings.py                    # trains the digits model (~1-8 min)
     python benchmarks/sequential_savings.py --digits-counts runs/certify/digits/counts.txt
-    python benchmarks/sequential_savings.py --sources cifar10 --variants  # + other schedules
+    python benchmarks/sequential_savings.py --sources cifar10 --variants
 """
 
 from __future__ import annotations
@@ -50,13 +39,13 @@ from benchmarks.common import machine  # noqa: E402
 from certify.commands.countfile import read_counts  # noqa: E402
 from certify.math.radius import certified_radius  # noqa: E402
 from certify.math.sequential import (  # noqa: E402
+    DEFAULT_BUDGET,
     DEFAULT_FIRST,
     DEFAULT_FUTILITY,
     DEFAULT_GROWTH,
     DEFAULT_LAST_SHARE,
     _certify_rounds,
     look_schedule,
-    spend,
 )
 
 SIGMA, ALPHA, N_MAX, TARGETS = 0.25, 0.001, 100_000, np.array([0.25, 0.5, 0.75])
@@ -64,35 +53,37 @@ KS = ((1,), (3,), (5,), (1, 3, 5))
 CIFAR_COUNTS = REPO / "tests" / "data" / "cifar10_resnet110_sigma0.25" / "counts.txt"
 
 
-def plan(first: int, growth: float, last_share: float | None, futility: float) -> dict:
-    """A sequential method: its looks, their levels (``last_share`` of alpha at n_max and the
-    rest evenly, or all evenly for None) and the futility level of each look."""
+def plan(first, growth, last_share, futility, budget=1.0, mixture=0.0, correct=True) -> dict:
+    """A sequential method: looks ``first * growth^j``; ``last_share`` of alpha at n_max, the
+    rest evenly, or with a ``mixture`` share for the mixture sequence, at the first look
+    (``correct=False``: every look at the full alpha, not valid); futility level and budget."""
     looks = look_schedule(N_MAX, first, growth)
-    weights = np.ones(len(looks))
-    if last_share is not None and len(looks) > 1:
-        weights[:-1] = (1 - last_share) / (len(looks) - 1)
-        weights[-1] = last_share
-    return {"looks": looks, "levels": spend(ALPHA, len(looks), weights), "futility": futility}
+    rest = (1 - last_share - mixture) / max(1, len(looks) - 1)
+    weights = np.r_[np.full(len(looks) - 1, rest), last_share]
+    if mixture:
+        weights[1:-1], weights[0] = 0.0, 1 - last_share - mixture
+    levels = ALPHA * (weights if correct else np.ones(len(looks)))
+    return {"looks": looks, "levels": levels, "futility": futility,
+            "budget": int(np.ceil(budget * N_MAX)), "mixture": ALPHA * mixture}  # fmt: skip
 
 
-#: The methods of the main table: the library's defaults, and the simple doubling schedule.
+#: The methods of the main table: the library's defaults, the same without the futility
+#: budget, and the mixture confidence sequence with the default budget.
 METHODS = {
-    "sequential": (DEFAULT_FIRST, DEFAULT_GROWTH, DEFAULT_LAST_SHARE, DEFAULT_FUTILITY),
-    "doubling": (1000, 2.0, None, 0.5),
-}
-#: The variants compared with ``--variants`` (each k alone): (first, growth, share, futility).
+    "sequential": (DEFAULT_FIRST, DEFAULT_GROWTH, DEFAULT_LAST_SHARE, DEFAULT_FUTILITY,
+                   DEFAULT_BUDGET),
+    "no budget": (DEFAULT_FIRST, DEFAULT_GROWTH, DEFAULT_LAST_SHARE, DEFAULT_FUTILITY, 1.0),
+    "mixture": (1000, 1.1, 0.5, DEFAULT_FUTILITY, DEFAULT_BUDGET, 0.45),
+}  # fmt: skip
+#: The variants of ``--variants``: (first, growth, share, futility, budget, mixture, correct).
 VARIANTS = [
-    (1000, 2.0, None, 0.5),
-    (1000, 2.0, None, 0.02),
-    (1000, 2.0, 0.75, 0.02),
-    (1000, 1.25, None, 0.02),
-    (1000, 1.25, 0.5, 0.05),
-    (1000, 1.25, 0.5, 0.02),
-    (1000, 1.25, 0.75, 0.05),
-    (1000, 1.25, 0.75, 0.02),
-    (1000, 1.25, 0.75, 0.01),
-    (500, 1.25, 0.75, 0.02),
-    (1000, 1.5, 0.75, 0.02),
+    (1000, 2.0, 1 / 8, 0.5, 1.0),
+    (1000, 1.25, 0.75, 0.5, 1.0),
+    *[(1000, 1.25, 0.75, 0.02, budget) for budget in (1.0, 0.85, 0.7, 0.5, 0.3, 0.15)],
+    (1000, 1.25, 0.75, 0.1, 0.7),
+    (1000, 1.25, 0.5, 0.02, 0.6),
+    *[(1000, 1.1, 0.5, 0.02, budget, 0.45) for budget in (1.0, 0.7, 0.5)],
+    *[(1000, 1.25, 0.75, 0.02, budget, 0.0, False) for budget in (1.0, 0.5)],
 ]
 
 
@@ -122,7 +113,7 @@ def compare(p, labels, repeats: int, seed: int, plans: dict, ks_sets=KS) -> dict
             for name, way in plans.items():
                 cert = _certify_rounds(
                     prefix_draw(prefix, way["looks"]), labels, ks, SIGMA, TARGETS,
-                    way["looks"], way["levels"], way["futility"],
+                    way["looks"], way["levels"], way["futility"], way["budget"], way["mixture"],
                 )  # fmt: skip
                 run = {"reached": reached(cert.radius.numpy()), "samples": cert.samples.numpy()}
                 entry.setdefault(name, []).append(run)
@@ -207,19 +198,19 @@ def breakdown(name: str, result: dict) -> list[str]:
 
 
 def variants(name: str, p: np.ndarray, labels: np.ndarray, repeats: int, seed: int) -> list:
-    """The schedules, spendings and futility levels compared, each k alone."""
+    """The trade-off curve: schedules, bounds, futility levels and budgets compared."""
     plans = {settings: plan(*settings) for settings in VARIANTS}
-    result = compare(p, labels, repeats, seed, plans, KS[:3])
+    result = compare(p, labels, repeats, seed, plans)
     lines = [
-        f"Variants on {name} ({repeats} streams per input), each k alone:",
+        f"Variants on {name} ({repeats} streams per input):",
         "",
-        "| first look | growth | at n_max | futility | fewer samples, k = 1 / 3 / 5 | "
-        "loss (points): mean / worst stream |",
-        "|---|---|---|---|---|---|",
+        "| bounds | growth | at n_max | futility | budget | fewer samples, k = 1 / 3 / 5 / "
+        "all three | loss (points): mean / worst stream |",
+        "|---|---|---|---|---|---|---|",
     ]
     for settings in VARIANTS:
         factors, loss, worst = [], 0.0, 0.0
-        for key in ("1", "3", "5"):
+        for key in result:
             runs, fixed = result[key][settings], result[key]["fixed"]
             s, f = summarise(runs), summarise(fixed)
             factors.append(f"{N_MAX / s['mean']:.1f}x")
@@ -227,13 +218,58 @@ def variants(name: str, p: np.ndarray, labels: np.ndarray, repeats: int, seed: i
             for run, ref in zip(runs, fixed, strict=True):
                 gap = summarise([run])["accuracy"] - summarise([ref])["accuracy"]
                 worst = min(worst, 100 * gap.min())
-        first, growth, share, futility = settings
-        spending = "even" if share is None else f"{share:g} of alpha"
+        first, growth, share, futility, budget = settings[:5]
+        mixture, correct = (*settings[5:], *(0.0, True)[len(settings) - 5 :])
+        bounds = "mixture" if mixture else "union" if correct else "no correction (not valid)"
+        spending = f"{share:.3g} of alpha"
         lines.append(
-            f"| {first:,} | {growth:g} | {spending} | {futility:g} | {' / '.join(factors)} | "
-            f"{-loss:.2f} / {-worst:.2f} |"
+            f"| {bounds} | {growth:g} | {spending} | {futility:g} | {budget:g} | "
+            f"{' / '.join(factors)} | {abs(loss):.2f} / {abs(worst):.2f} |"
         )
     return lines + [""]
+
+
+def clairvoyant(name: str, p: np.ndarray, labels: np.ndarray) -> list[str]:
+    """A ceiling: stop each input at the fewest samples (of a fine grid) whose expected counts
+    give fixed n's certificates at fixed n's level, knowing the probabilities; together, also
+    giving up the costliest certificates, at most 1 % of the inputs per (k, target)."""
+    ks, grid = (1, 3, 5), np.unique(np.geomspace(1000, N_MAX, 100).astype(int))
+
+    def certified(n: int) -> np.ndarray:  # (B, K) targets reached by the expected counts
+        counts = np.round(p * n).astype(np.int64)  # (B, c)
+        return reached(certified_radius(counts, labels, ks, SIGMA, ALPHA).numpy())
+
+    want = certified(N_MAX)
+    need = np.full((*want.shape, len(TARGETS) + 1), float(N_MAX))  # (B, K, targets + 1)
+    need[..., 0] = grid[0]
+    for n in grid[::-1]:
+        need[np.arange(len(TARGETS) + 1) <= certified(n)[..., None]] = n
+    goal, lost = want.copy(), np.zeros((len(ks), len(TARGETS) + 1), dtype=int)
+    while True:  # greedily give up the certificate that saves the most samples
+        cost = np.take_along_axis(need, goal[..., None], axis=2)[..., 0]  # (B, K)
+        rows = np.argsort(-cost.max(axis=1))[:50]
+        best = (0.0, None)
+        for b in rows:
+            k = int(cost[b].argmax())
+            if goal[b, k] and lost[k, goal[b, k]] < 0.01 * len(labels):
+                less = goal[b].copy()
+                less[k] -= 1
+                saved = cost[b].max() - need[b, np.arange(len(ks)), less].max()
+                best = max(best, (saved, (b, k)), key=lambda t: t[0])
+        if best[1] is None:
+            break
+        b, k = best[1]
+        lost[k, goal[b, k]] += 1
+        goal[b, k] -= 1
+    alone = [N_MAX / np.take_along_axis(need[:, i], want[:, i, None], 1).mean() for i in range(3)]
+    together = N_MAX / np.take_along_axis(need, want[..., None], 2)[..., 0].max(1).mean()
+    given_up = N_MAX / cost.max(axis=1).mean()
+    return [
+        f"Clairvoyant ceiling on {name}: k = 1 / 3 / 5 alone "
+        + " / ".join(f"{v:.1f}x" for v in alone)
+        + f"; all three {together:.1f}x, {given_up:.1f}x giving up at most 1 % per (k, target)",
+        "",
+    ]
 
 
 def digits_counts(args) -> Path:
@@ -290,6 +326,7 @@ def main() -> None:
         lines += table(title, result) + breakdown(name, result)
         if args.variants:
             lines += variants(name, p, labels, args.repeats, args.seed)
+            lines += clairvoyant(name, p, labels)
         numbers[name] = {
             key: {m: summarise(runs) for m, runs in entry.items()} for key, entry in result.items()
         }

@@ -60,8 +60,14 @@ def run(args: list[str], log: Path, threads: int) -> float:
     return time.perf_counter() - start
 
 
-def checkpoint_epoch(path: Path) -> int:
-    return torch.load(path, map_location="cpu", weights_only=False)["epoch"]
+def last_checkpoint(fit_dir: Path) -> Path | None:
+    """The fit's ``last.ckpt`` (in the run folder the fit made under ``fit_dir``), if any."""
+    found = sorted(fit_dir.glob("**/last.ckpt"), key=lambda path: path.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def read_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_report(csv_path: Path) -> dict:
@@ -85,11 +91,11 @@ def one_run(
     folder.mkdir(parents=True, exist_ok=True)
     config = ["--config", str(CONFIGS[loss]), "--model.sigma", str(sigma)]
     fit_dir = folder / "fit"
-    last = fit_dir / "checkpoints" / "last.ckpt"
+    last = last_checkpoint(fit_dir)
     epochs = yaml.safe_load(CONFIGS[loss].read_text())["trainer"]["max_epochs"]
     fit_seconds = None  # the fit ran in an earlier invocation
-    if not last.exists() or checkpoint_epoch(last) < epochs - 1:
-        resume = ["--ckpt_path", str(last)] if last.exists() else []
+    if last is None or read_checkpoint(last)["epoch"] < epochs - 1:
+        resume = ["--ckpt_path", str(last)] if last else []
         print(f"fit {loss} sigma={sigma:g} seed={seed}", flush=True)
         fit_seconds = run(
             command(
@@ -100,6 +106,7 @@ def one_run(
             folder / "fit.log",
             threads,
         )  # fmt: skip
+        last = last_checkpoint(fit_dir)
     print(f"certify {loss} sigma={sigma:g} seed={seed}", flush=True)
     certify_dir = folder / "certify"
     certify_seconds = run(
@@ -118,6 +125,11 @@ def one_run(
         "n": n,
         "alpha": alpha,
         "epochs": epochs,
+        "settings": {  # the loss's settings the model resolved (null: another loss's)
+            key: value
+            for key, value in read_checkpoint(last)["hyper_parameters"].items()
+            if key.startswith(("num_noise", "consistency_", "smoothadv_"))
+        },
         "threads": threads,
         "fit_seconds": None if fit_seconds is None else round(fit_seconds, 1),
         "certify_seconds": round(certify_seconds, 1),

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from pytorch_lightning import LightningDataModule
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from certify.math.validation import UsageError
@@ -42,8 +43,28 @@ def require_dir(path: str | Path, what: str) -> Path:
     return path
 
 
+class Indexed(Dataset):
+    """``dataset``'s ``(x, y)`` with the example's index: ``(x, y, index)``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple:
+        return (*self.dataset[index][:2], index)
+
+
 class ImageClassificationDataModule(LightningDataModule):
-    """Subclasses set ``num_classes``, ``mean``, ``std`` and build the datasets in ``setup``."""
+    """Subclasses set ``num_classes``, ``mean``, ``std``, ``data_kind`` (``mnist``, ``cifar10`` or
+    ``imagenet``: the published recipe closest to the data) and build the datasets in ``setup``.
+
+    The validation and test loaders yield ``(x, y, index)``; under torch.distributed each
+    process takes every world-size-th example, none repeated (the shards may differ by one).
+    """
+
+    data_kind = "cifar10"
 
     def __init__(self, batch_size: int, num_workers: int) -> None:
         super().__init__()
@@ -55,18 +76,26 @@ class ImageClassificationDataModule(LightningDataModule):
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.train_dataset = self.val_dataset = self.test_dataset = None
 
-    def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
+    def _loader(self, dataset: Dataset, shuffle: bool = False, sampler=None) -> DataLoader:
         workers, pin = self.num_workers, torch.cuda.is_available()  # keywords: DDP rebuilds it
         kwargs = dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=pin)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, **kwargs)
+        kwargs.update(batch_size=self.batch_size, shuffle=shuffle, sampler=sampler)
+        return DataLoader(dataset, **kwargs)
+
+    def _evaluation_loader(self, dataset: Dataset) -> DataLoader:
+        """Lightning keeps a loader's own DistributedSampler: this one does not pad."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        sampler = UnrepeatedDistributedSampler(dataset, shuffle=False) if distributed else None
+        return self._loader(Indexed(dataset), sampler=sampler)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset)
+        return self._evaluation_loader(self.val_dataset)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset)
+        return self._evaluation_loader(self.test_dataset)
 
-    predict_dataloader = test_dataloader
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset)

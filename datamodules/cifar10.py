@@ -35,6 +35,7 @@ class CIFAR10DataModule(ImageClassificationDataModule):
     """
 
     num_classes = 10
+    data_kind = "cifar10"
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2023, 0.1994, 0.2010)
 

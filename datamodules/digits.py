@@ -33,6 +33,7 @@ class DigitsDataModule(ImageClassificationDataModule):
     """
 
     num_classes = 10
+    data_kind = "mnist"
     mean = (0.3053,)  # of all 1797 images, pixel / 16
     std = (0.3760,)
 

@@ -29,6 +29,7 @@ class ImageNetDataModule(ImageClassificationDataModule):
         num_workers: loader worker processes per training process.
     """
 
+    data_kind = "imagenet"
     mean = (0.485, 0.456, 0.406)
     std = (0.229, 0.224, 0.225)
 

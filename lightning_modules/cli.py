@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 import warnings
 from functools import partialmethod
 from pathlib import Path
@@ -14,6 +15,7 @@ import yaml
 from jsonargparse import ArgumentError, Namespace
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
@@ -22,7 +24,7 @@ from certify.training.callback import CertificationCallback
 from datamodules.base import ImageClassificationDataModule
 from lightning_modules.module import NoisyClassifier
 
-LINKED_FROM_DATA = ("num_classes", "mean", "std")  # from the datamodule into the model
+LINKED_FROM_DATA = ("num_classes", "mean", "std", "data_kind")  # from the datamodule into the model
 USER_ERRORS = (ValueError, OSError, MisconfigurationException)  # a bad value, path or device
 
 
@@ -65,15 +67,33 @@ class SafeTrainer(pl.Trainer):
     fit.__doc__ = validate.__doc__ = test.__doc__ = __doc__  # the options' help on the console
 
 
+def run_folder(trainer: pl.Trainer) -> Path:
+    """The fit's folder, the parent of ``checkpoints/``: ``save_dir/name/version`` of the first
+    logger, else ``default_root_dir`` (as ``ModelCheckpoint`` chooses)."""
+    folder, logger = Path(trainer.default_root_dir), trainer.logger
+    if logger is None:
+        return folder
+    version = logger.version
+    version = version if isinstance(version, str) else f"version_{version}"
+    return Path(logger.save_dir or folder, str(logger.name), version)
+
+
+def prepare_wandb(loggers: list) -> None:
+    """Each ``WandbLogger`` before its run starts: without the deprecated ``anonymous`` argument
+    (Lightning passes it even as None, and W&B warns about any value) and with its ``save_dir``
+    made (W&B looks for a git repository there and warns when the folder is missing)."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is None:
+            if logger._wandb_init.get("anonymous") is None:
+                logger._wandb_init.pop("anonymous", None)
+            Path(logger.save_dir or ".").mkdir(parents=True, exist_ok=True)
+
+
 class ConfigToLoggers(SaveConfigCallback):
     """``config.yaml`` next to ``checkpoints/``; to the loggers, the config the model resolved."""
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        folder, logger = Path(trainer.default_root_dir), trainer.logger
-        if logger is not None:  # save_dir/name/version: the checkpoints' parent
-            version = logger.version
-            version = version if isinstance(version, str) else f"version_{version}"
-            folder = Path(logger.save_dir or folder, str(logger.name), version)
+        folder = run_folder(trainer)
         folder.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():  # skip_none: skip_unset from jsonargparse 4.49 on
             warnings.filterwarnings("ignore", message=r"\s*skip_none")
@@ -161,6 +181,32 @@ class TopkLightningCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         if self.ckpt_path is not None:
             self.config[self.config.subcommand].ckpt_path = self.ckpt_path
+        loggers = self._get(self.config, "trainer").get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            init = getattr(logger, "init_args", None)
+            if init is not None and str(logger.class_path).endswith("WandbLogger"):
+                self.offline_without_key(init)
+
+    def offline_without_key(self, init: Namespace) -> None:
+        """A W&B logger that would log online with no API key found logs offline, with a note
+        (W&B would stop the command with a traceback once the run starts)."""
+        offline = ("offline", "dryrun", "disabled")
+        if init.get("offline") or init.get("mode") in offline:
+            return
+        from wandb.sdk import wandb_setup
+        from wandb.sdk.lib import wbauth
+
+        settings = wandb_setup.singleton().settings  # the environment and the settings files
+        if settings.mode in offline:
+            return
+        host = wbauth.HostUrl(settings.base_url, app_url=settings.app_url)
+        if wbauth.authenticate_session(host=host, source="topk-smoothing", prompt=False,
+                                       update_session=False):  # fmt: skip
+            return  # an API key (the environment, netrc, settings): no network asked
+        init.mode = "offline"  # an argument of wandb.init: W&B has read the environment above
+        save_dir = init.get("save_dir") or init.get("dir") or "."
+        self.notes.append("no W&B API key (`wandb login`): logging offline; upload later with "
+                          f"`wandb sync {save_dir}/wandb/offline-run-*`")  # fmt: skip
 
     def instantiate_classes(self) -> None:
         try:
@@ -180,11 +226,29 @@ class TopkLightningCLI(LightningCLI):
         prog = " ".join(filter(None, ["topk-smoothing", self.config.get("subcommand")]))
         for note in self.notes if rank_zero_only.rank == 0 else []:
             print(f"{prog}: note: {note}", file=sys.stderr)
+        logger = self._get(self.config_init, "trainer").get("logger")
+        if self.subcommand == "fit" and logger is not None and not logger:  # its own folder
+            kwargs.setdefault("default_root_dir", self.fit_folder())
         trainer = super().instantiate_trainer(**kwargs)
         if trainer.logger is None:  # nothing to log the learning rate to: it would stop the fit
             trainer.callbacks[:] = [c for c in trainer.callbacks
                                     if not isinstance(c, LearningRateMonitor)]  # fmt: skip
         return trainer
+
+    def fit_folder(self) -> str:
+        """A logger-less fit's folder: ``<default_root_dir>/fit-<date>-<time>[-n]``, or the folder
+        of the checkpoint it resumes (``<folder>/checkpoints/last.ckpt``). Rank 0's is the one
+        used: ``ModelCheckpoint`` broadcasts its folder, the config is saved on rank 0."""
+        resumed = Path(self.ckpt_path or ".").parent
+        if resumed.name == "checkpoints":
+            return str(resumed.parent)
+        root = Path(self.config_init.fit.trainer.get("default_root_dir") or ".")
+        stamp = time.strftime("fit-%Y%m%d-%H%M%S")
+        folder, n = root / stamp, 0
+        while folder.exists():
+            n += 1
+            folder = root / f"{stamp}-{n}"
+        return str(folder)
 
     def check_before_run(self, stage: str) -> None:
         """Before a logger starts a run: check the certification callbacks, set up the data."""
@@ -193,6 +257,7 @@ class TopkLightningCLI(LightningCLI):
         if self.datamodule is not None:
             self.datamodule.prepare_data()
             self.datamodule.setup(stage)
+        prepare_wandb(self.trainer.loggers)
 
     def before_fit(self) -> None:
         # The optimizer and its schedule are built once training starts: build them now.
@@ -212,3 +277,9 @@ class TopkLightningCLI(LightningCLI):
             best = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or None
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best,
                               trust_checkpoint=self.config.fit.trust_checkpoint)  # fmt: skip
+        if self.trainer.is_global_zero:  # the first monitored ModelCheckpoint's, else the last
+            saving = self.trainer.checkpoint_callbacks
+            saving = [c for c in saving if c.monitor] + [c for c in saving if not c.monitor]
+            best = next((c.best_model_path for c in saving if c.best_model_path), None)
+            print(f"topk-smoothing fit: run folder {run_folder(self.trainer)}; best checkpoint "
+                  f"{best or 'none (no checkpoint saved)'}")  # fmt: skip

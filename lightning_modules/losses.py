@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from certify.math.validation import UsageError
 
-#: The papers' defaults (consistency's lambda is set from sigma); SmoothAdv: one point of
-#: Salman et al.'s grid (epsilon 0.25-2, steps 1-10, m 1-8) with their 10 warm-up epochs.
+#: The papers' defaults (consistency's lambda is set from the data and sigma); SmoothAdv: one
+#: point of Salman et al.'s grid (epsilon 0.25-2, steps 1-10, m 1-8), their 10 warm-up epochs.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "gaussian": {"num_noise_samples": 1},
     "consistency": {"num_noise_samples": 2, "consistency_lambda": None, "consistency_eta": 0.5},
@@ -31,19 +31,24 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "smoothadv_warmup_epochs": 10,
     },
 }
+#: Jeong & Shin's lambda per kind of data, (below sigma = 0.5, from 0.5 up): their released
+#: training commands and certification logs (docs/training.md#losses).
+CONSISTENCY_LAMBDA = {"mnist": (10.0, 5.0), "cifar10": (20.0, 10.0), "imagenet": (10.0, 5.0)}
 #: Every loss's settings (``NoisyClassifier``'s arguments).
 SETTINGS = tuple(dict.fromkeys(key for settings in DEFAULTS.values() for key in settings))
 #: Where probabilities are clamped before a log (as in both papers' code).
 TINY = 1e-20
 
 
-def loss_settings(loss: str, sigma: float, **given: Any) -> dict[str, Any]:
+def loss_settings(
+    loss: str, sigma: float, data_kind: str = "cifar10", **given: Any
+) -> dict[str, Any]:
     """Every loss's settings: ``loss``'s with ``None`` replaced by the papers' defaults
-    (lambda 20 below sigma = 0.5, else 10), the others ``None``. A setting of another loss,
-    or consistency with one noise sample, is a ``UsageError``."""
+    (lambda: ``CONSISTENCY_LAMBDA[data_kind]`` at ``sigma``), the others ``None``. A setting of
+    another loss, or consistency with one noise sample, is a ``UsageError``."""
     defaults = dict(DEFAULTS[loss])
     if loss == "consistency":
-        defaults["consistency_lambda"] = 20.0 if sigma < 0.5 else 10.0
+        defaults["consistency_lambda"] = CONSISTENCY_LAMBDA[data_kind][sigma >= 0.5]
     for other, keys in DEFAULTS.items():
         for key in keys.keys() - defaults.keys():
             if given.get(key) is not None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt, restricted_number_type
 from pytorch_lightning import LightningModule
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from certify.math.validation import UsageError, check_sigma, check_top_k
@@ -25,8 +25,16 @@ from lightning_modules.models import build_network
 NonNegativeFinite = restricted_number_type("NonNegativeFinite", float, [(">=", 0), ("<", 1e999)])
 
 
+def seed_of(key: list[int]) -> np.uint64:
+    return np.random.SeedSequence(key).generate_state(1, np.uint64)[0]
+
+
 class NoisyClassifier(LightningModule):
     """Trains ``net`` on noisy images; logs ``train/{loss,ce}``, ``{val,test}/{loss,acc_top{k}}``.
+
+    Validation and test batches ``(x, y, index)`` (the datamodules' evaluation loaders) get the
+    noise of each example's own generator, seeded by the run's seed and ``index``, and the
+    metrics are sums over examples: any number of processes logs the same values.
 
     Args:
         arch: network name in ``lightning_modules.models.MODELS``.
@@ -40,12 +48,15 @@ class NoisyClassifier(LightningModule):
         lr_scheduler: the per-epoch LR schedule, or None. Default: LR x 0.1 every 30 epochs.
         loss: ``gaussian``, ``consistency`` or ``smoothadv``.
         num_noise_samples: noisy copies m per image; None: 1 for gaussian, else 2.
-        consistency_lambda: weight of the KL term; None: 20 if sigma < 0.5, else 10.
+        consistency_lambda: weight of the KL term; None: Jeong & Shin's for ``data_kind``, below
+            sigma = 0.5 / from 0.5 up: mnist 10 / 5, cifar10 20 / 10, imagenet 10 / 5.
         consistency_eta: weight of the entropy term; None: 0.5.
         smoothadv_epsilon: l2 radius of the attack in pixel units; None: 1.0.
         smoothadv_steps: PGD steps per training step; None: 10.
         smoothadv_warmup_epochs: epochs over which epsilon grows linearly (0: none); None: 10.
         channels_last: channels-last weights and inputs (convolutional networks on GPUs).
+        data_kind: ``mnist``, ``cifar10`` or ``imagenet`` (linked from the datamodule): whose
+            published consistency settings are the defaults.
     """
 
     def __init__(
@@ -71,6 +82,7 @@ class NoisyClassifier(LightningModule):
         smoothadv_steps: PositiveInt | None = None,
         smoothadv_warmup_epochs: NonNegativeInt | None = None,
         channels_last: bool = False,
+        data_kind: Literal["mnist", "cifar10", "imagenet"] = "cifar10",
     ) -> None:
         super().__init__()
         self.sigma, self.loss, self.num_classes = check_sigma(sigma), loss, num_classes
@@ -79,7 +91,7 @@ class NoisyClassifier(LightningModule):
             if callable(self.hparams.get(key)):  # (the CLI's config dicts are kept)
                 del self.hparams[key]
         given = {key: self.hparams.get(key) for key in losses.SETTINGS}
-        self.loss_settings = losses.loss_settings(loss, self.sigma, **given)
+        self.loss_settings = losses.loss_settings(loss, self.sigma, data_kind, **given)
         top_k = check_top_k(tuple(top_k), None, name="model.top_k")
         self.top_k = tuple(k for k in top_k if k < num_classes)
         self.dropped_top_k = tuple(k for k in top_k if k >= num_classes)
@@ -96,15 +108,25 @@ class NoisyClassifier(LightningModule):
         top = {f"acc_top{k}": MulticlassAccuracy(num_classes, k, "micro") for k in self.top_k}
         self.val_metrics = MetricCollection(top, prefix="val/")
         self.test_metrics = self.val_metrics.clone(prefix="test/")
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()  # over examples, all ranks
         self._noise, self._resume_rng = {}, None  # stream -> torch.Generator; states to resume
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # (B, C, H, W) clean pixels -> (B, num_classes)
 
-    def add_noise(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` plus N(0, sigma^2) noise from the training (in training mode) or eval stream."""
-        generator = self._generator("train" if self.training else "eval", x.device)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    def add_noise(self, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` plus N(0, sigma^2) noise: in training mode from this process's training stream;
+        else example ``index[b]``'s own draw for the run's seed (without ``index``: a stream of
+        this process)."""
+        if self.training or index is None:
+            generator = self._generator("train" if self.training else "eval", x.device)
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        else:
+            noise = torch.empty_like(x)  # (B, C, H, W)
+            generator = torch.Generator(device=x.device)
+            for row, i in zip(noise, index.tolist(), strict=True):
+                key = [torch.initial_seed(), int(i), 2]  # 2: not a per-rank stream's key
+                row.normal_(generator=generator.manual_seed(int(seed_of(key))))
         noisy = x + self.sigma * noise  # (B, C, H, W)
         channels_last = self.channels_last and noisy.ndim == 4
         return noisy.contiguous(memory_format=torch.channels_last) if channels_last else noisy
@@ -113,8 +135,7 @@ class NoisyClassifier(LightningModule):
         generator = self._noise.get(stream)
         if generator is None or generator.device != device:
             key = [torch.initial_seed(), self.global_rank, ("train", "eval").index(stream)]
-            seed = np.random.SeedSequence(key).generate_state(1, np.uint64)[0]
-            generator = torch.Generator(device=device).manual_seed(int(seed))
+            generator = torch.Generator(device=device).manual_seed(int(seed_of(key)))
             self._noise[stream] = generator
         return generator
 
@@ -142,12 +163,13 @@ class NoisyClassifier(LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        x, y = batch  # (B, C, H, W), (B,)
+        x, y, *index = batch  # (B, C, H, W), (B,), the examples' indices (B,) if given
         stage = "test" if self.trainer.testing else "val"
-        metrics = self.test_metrics if self.trainer.testing else self.val_metrics
-        logits = self.net(self.add_noise(x))  # (B, num_classes)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True)
+        metrics, loss = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_loss")
+        logits = self.net(self.add_noise(x, *index))  # (B, num_classes)
+        loss.update(F.cross_entropy(logits, y, reduction="none"))  # (B,)
         metrics.update(logits, y)
+        self.log(f"{stage}/loss", loss)
         self.log_dict(metrics, prog_bar=True)
 
     test_step = validation_step

@@ -29,8 +29,8 @@ LOSSES = {
 class RecordingClassifier(NoisyClassifier):
     """Keeps the training noise it adds (the noise itself is the module's)."""
 
-    def add_noise(self, x: torch.Tensor) -> torch.Tensor:
-        noisy = super().add_noise(x)
+    def add_noise(self, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        noisy = super().add_noise(x, index)
         if self.training:
             self.__dict__.setdefault("recorded", []).append((noisy - x).detach())
         return noisy

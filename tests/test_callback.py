@@ -1,10 +1,12 @@
 """CertificationCallback: live certified top-k accuracy, in W&B, identical on 1 and 2 processes."""
 
 import csv
+import json
 import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from certify.commands.cli import main as cli_main
 from certify.math.validation import UsageError
 from datamodules import DigitsDataModule
 from lightning_modules import NoisyClassifier
-from tests.wandb_records import history
+from tests.wandb_records import history, metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TOP_K, RADII = (1, 3, 5), (0.0, 0.25, 0.5)
@@ -70,10 +72,13 @@ def digits_fit(tmp_path_factory):
 
 
 def test_every_certified_epoch_reaches_wandb(digits_fit):
+    """Per evaluation, the scalars and the table (epoch, k, accuracy per radius, ACR) on one row
+    (one ``trainer/global_step``), both kept; dotted keys defined against that step, escaped."""
     (run_file,) = digits_fit.glob("runs/wandb/offline-run-*/run-*.wandb")
     rows = [row for row in history(run_file) if "val/certified_top1@0" in row]
     assert len(rows) == 2  # one per epoch
-    for row in rows:
+    files = run_file.parent / "files"
+    for epoch, row in enumerate(rows):
         for key in KEYS:
             assert key in row and math.isfinite(row[key]), key
             assert 0 <= row[key] <= (math.inf if "seconds" in key or "acr" in key else 1)
@@ -82,8 +87,16 @@ def test_every_certified_epoch_reaches_wandb(digits_fit):
             values = [row[f"val/certified_top{k}@{r:g}"] for r in RADII]
             assert values == sorted(values, reverse=True)
         assert row["val/certified_top1@0"] <= row["val/certified_top3@0"]
-    curves = [row for row in history(run_file) if "val/certified_accuracy_curve_table/_type" in row]
-    assert len(curves) == 2  # the line-series chart, refreshed each time
+        assert row["epoch"] == epoch and "trainer/global_step" in row
+        table = json.loads((files / row["val/certified_table/path"]).read_text())  # this epoch's
+        assert table["columns"] == ["epoch", "k", *(f"r={r:g}" for r in RADII), "acr"]
+        assert [line[:2] for line in table["data"]] == [[epoch, k] for k in TOP_K]
+        for _, k, *accuracy, acr in table["data"]:  # float64 there, float32 in the scalars
+            assert accuracy == pytest.approx([row[f"val/certified_top{k}@{r:g}"] for r in RADII])
+            assert acr == pytest.approx(row[f"val/acr_top{k}"])
+    assert rows[0]["trainer/global_step"] < rows[1]["trainer/global_step"]
+    defined = metrics(run_file)
+    assert all(defined[k.replace(".", "\\.")] == "trainer/global_step" for k in KEYS if "." in k)
 
 
 def test_fit_reports_the_share_of_time_spent_certifying(digits_fit):
@@ -258,6 +271,30 @@ def test_the_share_line_counts_only_epochs_this_fit_ran(tmp_path, capsys):
         return capsys.readouterr().out
 
     first = fit()
-    assert "Certification took" in first and "on average over 1 epochs" in first
+    assert "Certification took" in first and first.rstrip().endswith("on average over 1 epoch")
     (last,) = tmp_path.glob("**/checkpoints/*.ckpt")
     assert "Certification took" not in fit(last)
+
+
+def test_no_sync_dist_warning_under_ddp(isolated_run):
+    """Lightning warns under DDP (on one process as on several) of epoch-level values logged
+    without ``sync_dist=True``; the callback's, summed over the processes already, are synced."""
+    from pytorch_lightning.trainer.connectors.logger_connector.result import warning_cache
+
+    data = DigitsDataModule(batch_size=64)
+    model = NoisyClassifier("digits_cnn", data.num_classes, data.mean, data.std, sigma=0.25)
+    callback = CertificationCallback(n=50, num_examples=3, batch_size=64, sequential=True)
+    trainer = pl.Trainer(
+        callbacks=[callback], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        accelerator="cpu", devices=1, strategy="ddp", limit_val_batches=1,
+    )  # fmt: skip
+    warning_cache.clear()  # each message is shown once per process
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.validate(model, data)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert (logged := {*KEYS, "val/certify_samples"}) <= set(trainer.callback_metrics)
+    unsynced = [str(w.message) for w in caught if "sync_dist=True" in str(w.message)]
+    assert not [m for m in unsynced if any(repr(key) in m for key in logged)], unsynced

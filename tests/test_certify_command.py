@@ -1,6 +1,7 @@
 """`topk-smoothing certify`: files, consistency with `radius`, 2 processes, resume, refusal."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,27 @@ def test_other_settings_are_refused(single_run, digits_checkpoint, monkeypatch):
         with pytest.raises(UsageError, match=f"holds a run with {named} = "):
             trainer.certify(model, DigitsDataModule(), digits_checkpoint, **settings)
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+
+@pytest.mark.parametrize("command", ["certify", "predict"])
+def test_an_output_dir_that_is_a_file_is_named(digits_checkpoint, tmp_path, command):
+    path = tmp_path / "results.txt"
+    path.write_text("mine\n")
+    args = [command, "--config", DIGITS, "--ckpt_path", digits_checkpoint, "--output_dir", path]
+    assert_one_line_error(console(*args, *QUIET), command, f"output_dir {path} is a file")
+    assert path.read_text() == "mine\n" and list(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.parametrize("command", ["certify", "predict"])
+def test_the_progress_bar_is_the_commands_and_counts_examples(digits_checkpoint, tmp_path, command):
+    """Not Lightning's "Predicting DataLoader 0" over batches (here one batch of 3)."""
+    sizes = ["--n0", "20"] if command == "predict" else []
+    args = [command, "--config", DIGITS, "--ckpt_path", digits_checkpoint, "--n", "100", *sizes,
+            "--max_examples", "3", "--output_dir", tmp_path / "out", *QUIET]  # fmt: skip
+    code, out, err = console(*args, "--trainer.enable_progress_bar", "true")
+    assert code == 0, err[-3000:]
+    assert "Predicting" not in out + err
+    assert re.search(rf"\r{command}: +0%\|[^|]*\| 0/3 \[.*example/s\]", err), err[-1000:]
 
 
 class TestCohenCheckpoints:

@@ -11,6 +11,7 @@ import torch
 
 from certify import SmoothedClassifier
 from certify.commands.checkpoints import load_network_weights
+from certify.math.sequential import DEFAULT_BUDGET, DEFAULT_FUTILITY
 from certify.math.validation import UsageError
 from datamodules import DigitsDataModule
 from lightning_modules.models import build_network
@@ -57,6 +58,7 @@ def test_files_and_settings(sequential_run):
     assert (samples <= N_MAX).all() and (samples < N_MAX).any() and (samples > 0).all()
     meta = json.loads((out / "certify.json").read_text())
     assert (meta["mode"], meta["n_max"], meta["radii"]) == ("sequential", N_MAX, list(TARGETS))
+    assert (meta["futility"], meta["budget"]) == (DEFAULT_FUTILITY, DEFAULT_BUDGET)
     assert "n" not in meta
     assert not (out / "counts.txt").exists()  # stopped counts are no count file
     report = (out / "report.md").read_text()

@@ -128,3 +128,27 @@ def test_parser_accepts_windows_line_ends_and_blank_lines():
 def test_parser_rejects_oddities(text, message):
     with pytest.raises(UsageError, match=message):
         parse_counts(text, "c.txt")
+
+
+def test_a_certify_tsv_is_not_a_counts_file(tmp_path, capsys):
+    """`radius` on certify's radii: one line naming the file, what it is and `report`."""
+    path = tmp_path / "certify.tsv"
+    path.write_text("idx\tlabel\tpred1\tradius_top1\tseconds\n0\t3\t3\t0.41\t0.01\n")
+    assert main(["radius", str(path), *ARGS, "--k", "1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("topk-smoothing radius: error: ") and captured.out == ""
+    assert captured.err.count("\n") == 1
+    assert f"{path}: not a counts file, it looks like a certify.tsv" in captured.err
+    assert f"`topk-smoothing report {path}`" in captured.err
+
+
+def test_report_says_where_it_wrote_and_what_it_replaced(tmp_path, capsys):
+    path = tmp_path / "certify.tsv"
+    path.write_text("idx\tlabel\tradius_top1\n0\t3\t0.41\n1\t2\tnan\n")
+    files = "report.md, report.csv and certified_accuracy.png"
+    for again in ("", ", replacing the earlier report"):
+        assert main(["report", str(path)]) == 0
+        last = capsys.readouterr().out.splitlines()[-1]
+        assert last == f"report: wrote {files} to {tmp_path}{again}"
+    assert main(["report", str(path), "--output-dir", str(tmp_path / "other")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"report: wrote {files} to {tmp_path}/other"

@@ -48,6 +48,29 @@ def test_digits_loaders_batch_and_shuffle_only_training():
     assert torch.equal(first[0], dm.val_dataset.tensors[1][:32])
 
 
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_evaluation_loaders_give_indices_and_shard_without_repeats(monkeypatch, split):
+    """Validation and test batches carry each example's index in the split; under
+    torch.distributed (2 processes here) the shards partition the split, none padded."""
+    dm = DigitsDataModule(batch_size=64)
+    dm.setup("fit")
+    dataset = getattr(dm, f"{split}_dataset")
+    x, y, index = next(iter(getattr(dm, f"{split}_dataloader")()))  # (64, 1, 8, 8), (64,), (64,)
+    assert index.tolist() == list(range(64)) and torch.equal(x, dataset.tensors[0][:64])
+    assert torch.equal(y, dataset.tensors[1][:64])
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    shards = []
+    for rank in (0, 1):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None, r=rank: r)
+        batches = list(getattr(dm, f"{split}_dataloader")())
+        shards.append(torch.cat([index for _, _, index in batches]).tolist())
+        for x, y, index in batches:
+            assert torch.equal(x, dataset.tensors[0][index])
+            assert torch.equal(y, dataset.tensors[1][index])
+    assert sorted(shards[0] + shards[1]) == list(range(len(dataset)))  # 359 or 360, each once
+
+
 def test_cifar10_reads_torchvision_files(cifar10_root):
     """The data set is written in the official layout and parsed by torchvision's CIFAR10.
 

@@ -24,8 +24,9 @@ def fit_one_epoch(folder, loss: str) -> tuple[set[str], dict]:
     pl.seed_everything(0, verbose=False)
     data = DigitsDataModule(batch_size=64)
     model = NoisyClassifier(
-        "digits_cnn", 10, data.mean, data.std, top_k=(1, 3), loss=loss, **SETTINGS[loss]
-    )
+        "digits_cnn", 10, data.mean, data.std, top_k=(1, 3), loss=loss,
+        data_kind=data.data_kind, **SETTINGS[loss],
+    )  # fmt: skip
     certify = CertificationCallback(top_k=(1, 3), radii=(0.0, 0.5), n=100, num_examples=10)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=2, limit_val_batches=1,
@@ -50,6 +51,7 @@ def test_same_logged_keys_whatever_the_loss_and_the_hparams_name_the_loss(tmp_pa
     assert gaussian["loss"] == "gaussian" and gaussian["num_noise_samples"] == 1
     assert gaussian["consistency_lambda"] is None and gaussian["smoothadv_steps"] is None
     assert consistency["loss"] == "consistency" and consistency["num_noise_samples"] == 2
-    assert (consistency["consistency_lambda"], consistency["consistency_eta"]) == (20.0, 0.5)
+    assert consistency["data_kind"] == "mnist"  # Jeong & Shin's MNIST lambda at sigma 0.25
+    assert (consistency["consistency_lambda"], consistency["consistency_eta"]) == (10.0, 0.5)
     assert smoothadv["loss"] == "smoothadv" and smoothadv["smoothadv_epsilon"] == 0.5
     assert (smoothadv["smoothadv_steps"], smoothadv["smoothadv_warmup_epochs"]) == (1, 2)

@@ -12,6 +12,7 @@ from scipy.stats import entropy as scipy_entropy
 from sklearn.datasets import load_digits
 
 from certify.math.validation import UsageError
+from datamodules import CIFAR10DataModule, DigitsDataModule, ImageNetDataModule
 from lightning_modules import NoisyClassifier
 from lightning_modules.losses import (
     consistency_loss,
@@ -157,11 +158,25 @@ def test_epsilon_warm_up_is_linear_over_the_first_epochs():
 
 
 @pytest.mark.parametrize(
-    ("sigma", "lam"), [(0.12, 20.0), (0.25, 20.0), (0.49, 20.0), (0.5, 10.0), (1.0, 10.0)]
-)
-def test_consistency_defaults_follow_the_paper(sigma, lam):
-    settings = loss_settings("consistency", sigma)
+    ("data_kind", "sigma", "lam"),
+    [
+        ("cifar10", 0.12, 20.0), ("cifar10", 0.49, 20.0), ("cifar10", 0.5, 10.0),
+        ("cifar10", 1.0, 10.0), ("mnist", 0.25, 10.0), ("mnist", 0.5, 5.0), ("mnist", 1.0, 5.0),
+        ("imagenet", 0.25, 10.0), ("imagenet", 0.5, 5.0), ("imagenet", 1.0, 5.0),
+    ],
+)  # fmt: skip
+def test_consistency_defaults_follow_the_paper_for_the_data(data_kind, sigma, lam):
+    """Jeong & Shin's lambda for the kind of data and the noise level; the module's default
+    kind is CIFAR-10's, and the datamodules name theirs."""
+    settings = loss_settings("consistency", sigma, data_kind)
     assert settings["consistency_lambda"] == lam and settings["consistency_eta"] == 0.5
+    module = NoisyClassifier(
+        "digits_cnn", 10, *DIGITS_NORM, sigma, loss="consistency", data_kind=data_kind
+    )
+    assert module.hparams["consistency_lambda"] == lam and module.hparams["data_kind"] == data_kind
+    assert NoisyClassifier("digits_cnn", 10, *DIGITS_NORM).hparams["data_kind"] == "cifar10"
+    assert [DigitsDataModule.data_kind, CIFAR10DataModule.data_kind] == ["mnist", "cifar10"]
+    assert ImageNetDataModule.data_kind == "imagenet"
     assert settings["num_noise_samples"] == 2 and settings["smoothadv_epsilon"] is None
     assert loss_settings("gaussian", sigma)["num_noise_samples"] == 1
     smoothadv = loss_settings("smoothadv", sigma, smoothadv_warmup_epochs=0)

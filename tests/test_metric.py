@@ -257,3 +257,34 @@ def test_report_and_radius_files_carry_infinite_and_huge_radii(tmp_path):
     csv = (tmp_path / "report.csv").read_text().splitlines()
     assert csv[1].endswith(",inf") and csv[2].endswith(",inf")
     assert "| top-1 | 66.7% | 33.3% | inf |" in (tmp_path / "report.md").read_text()
+
+
+def test_certify_logs_its_scalars_and_table_on_one_wandb_row(isolated_run):
+    """``certify``'s numbers reach W&B as the callback's do: scalars, table (k, accuracy per
+    radius, ACR) and plot in one row with ``trainer/global_step``; dotted keys defined
+    against it, escaped."""
+    import json
+
+    import wandb
+    from pytorch_lightning.loggers import WandbLogger
+
+    from certify.commands.report import log_to_wandb, write_report
+    from tests.wandb_records import history, metrics
+
+    tsv = isolated_run / "certify.tsv"
+    tsv.write_text("idx\tlabel\tradius_top1\tradius_top3\n0\t3\t0.3\t0.6\n1\t2\tnan\t0.2\n")
+    log_to_wandb([WandbLogger(save_dir=str(isolated_run), offline=True)],
+                 write_report(tsv, at=(0.0, 0.25, 0.5)))  # fmt: skip
+    wandb.finish()
+    wandb.teardown()  # the run file is complete once W&B's service has stopped
+    (run_file,) = isolated_run.glob("wandb/offline-run-*/run-*.wandb")
+    (row,) = [row for row in history(run_file) if "certify/table/path" in row]
+    assert row["trainer/global_step"] == 0 and "certify/curve/path" in row
+    expected = [[1, 0.5, 0.5, 0.0, 0.15], [3, 1.0, 0.5, 0.5, 0.4]]
+    for k, *accuracy, acr in expected:
+        assert [row[f"certify/certified_top{k}@{r:g}"] for r in (0, 0.25, 0.5)] == accuracy
+        assert row[f"certify/acr_top{k}"] == pytest.approx(acr)
+    table = json.loads((run_file.parent / "files" / row["certify/table/path"]).read_text())
+    assert table["columns"] == ["k", "r=0", "r=0.25", "r=0.5", "acr"]
+    assert sum(table["data"], []) == pytest.approx(sum(expected, []))
+    assert metrics(run_file)["certify/certified_top1@0\\.25"] == "trainer/global_step"

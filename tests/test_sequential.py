@@ -109,6 +109,21 @@ def test_an_input_stops_only_when_every_k_is_decided():
     assert both.samples[0] > alone.samples[0]
 
 
+def test_a_target_out_of_the_budget_is_given_up_earlier():
+    """A label 0.586 against 0.414 needs tens of thousands of samples for r = 0.1 at
+    sigma = 0.5: with the budget at a fifth of n_max fewer inputs pursue it to the end. On the
+    same streams, every input stops no later and is certified only where it is without the
+    budget (the futility rule only ends rounds; it never reports)."""
+    p = np.array([0.586, 0.414])
+    args = ([0] * 16, 1, 0.5, 0.01, (0.1,), 100_000)
+    small = certify_sequential(multinomial_draw(p, 2), *args, budget=0.2)
+    full = certify_sequential(multinomial_draw(p, 2), *args, budget=1.0)
+    assert (small.samples <= full.samples).all()
+    assert small.samples.sum() < 0.8 * full.samples.sum()
+    certified_small, certified_full = ~small.radius.isnan(), ~full.radius.isnan()
+    assert (certified_full | ~certified_small).all() and certified_full.sum() > 0
+
+
 def test_reported_radii_are_targets_and_samples_are_looks():
     rng = np.random.default_rng(8)
     p = rng.dirichlet(np.ones(5), size=1)[0]
@@ -139,6 +154,8 @@ def test_reported_radii_are_targets_and_samples_are_looks():
         ({"schedule": (10, 100, 1000), "spending": (1.0, 2.0)}, "3 positive weights"),
         ({"schedule": (10, 100, 1000), "spending": (1.0, 0.0, 1.0)}, "positive weights"),
         ({"futility": 0.0}, "futility"),
+        ({"budget": 0.0}, "budget must be a share of n_max in"),
+        ({"budget": 1.5}, "budget must be a share of n_max in"),
     ],
 )
 def test_bad_arguments_are_refused_before_drawing(kwargs, match):

@@ -6,9 +6,10 @@ the truth certifies nothing) stays at or under alpha, within 3 binomial standard
 alpha 0.01 and 0.05, per k and for "some k" (every k and every target of an input rest on
 the same bounds). The configurations put the label just below a target radius (where a
 procedure that looks too often reports that target), at a near tie, and among 100 classes,
-with k from 1 to 5 (4,000 trials at c = 2, 2,000 at c = 10, 1,000 at c = 100). Teeth: at
-c = 2, the same procedure without correction across looks (every look at the full alpha)
-fails the same test.
+with k from 1 to 5 (4,000 trials at c = 2, 2,000 at c = 10, 1,000 at c = 100), for the union
+bound over the looks and for the mixture confidence sequence. Teeth: at c = 2, the same
+procedure without correction across looks (every look at the full alpha) fails the same test,
+and so does a mixture whose prior is fitted to the samples it is tested on.
 
 Observed rates are printed (``python -m pytest tests/test_sequential_coverage.py -s``) and
 recorded in ``docs/sequential.md``.
@@ -24,6 +25,7 @@ import torch
 from scipy.optimize import brentq
 
 from certify import radius_from_bounds
+from certify.math.mixture import mixture_bounds
 from certify.math.sequential import DEFAULT_FUTILITY, _certify_rounds, look_schedule, spend
 
 SIGMA = 0.5
@@ -66,17 +68,27 @@ CONFIGS = {
 }
 
 
-def simulate(p, label, ks, alpha, trials, seed, unsound=False, futility=DEFAULT_FUTILITY):
-    """Failures per k ``(K,)`` and for some k, and the mean samples, over ``trials`` inputs."""
+def simulate(
+    p, label, ks, alpha, trials, seed, unsound=False, futility=DEFAULT_FUTILITY, budget=None,
+    mixture=False,
+):  # fmt: skip
+    """Failures per k ``(K,)`` and for some k, and the mean samples, over ``trials`` inputs.
+    ``mixture``: the first look's bounds at 5 % of alpha, the mixture sequence at 45 % on the
+    samples after it, the last look's at 50 % (the mixture method of the benchmark)."""
     looks = look_schedule(N_MAX, FIRST)
     levels = np.full(len(looks), alpha) if unsound else spend(alpha, len(looks))
+    if mixture:
+        levels = np.zeros(len(looks))
+        levels[0], levels[-1] = 0.05 * alpha, 0.5 * alpha
     rng = np.random.default_rng(seed)
 
     def draw(m, active):
         return torch.from_numpy(rng.multinomial(m, p, size=trials) * active.numpy()[:, None])
 
     labels = np.full(trials, label)
-    cert = _certify_rounds(draw, labels, ks, SIGMA, TARGETS, looks, levels, futility)
+    cert = _certify_rounds(
+        draw, labels, ks, SIGMA, TARGETS, looks, levels, futility, budget, 0.45 * alpha * mixture
+    )
     got, truth = cert.radius.numpy(), true_radius(p, label, ks)  # (trials, K), (K,)
     fail = ~np.isnan(got) & (np.isnan(truth) | (got > truth + 1e-9))
     return fail.sum(axis=0), int(fail.any(axis=1).sum()), float(cert.samples.float().mean())
@@ -88,38 +100,63 @@ def allowed(alpha: float, trials: int) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mixture", [False, True], ids=["union", "mixture"])
 @pytest.mark.parametrize("alpha", [0.01, 0.05])
 @pytest.mark.parametrize("config", sorted(CONFIGS))
-def test_reported_radius_exceeds_the_truth_at_most_alpha(config, alpha):
+def test_reported_radius_exceeds_the_truth_at_most_alpha(config, alpha, mixture):
     p, label, ks = CONFIGS[config]
     trials = {2: 4_000, 10: 2_000, 100: 1_000}[len(p)]
-    seed = zlib.crc32(f"{config} {alpha}".encode())
-    per_k, any_k, mean = simulate(p, label, ks, alpha, trials, seed)
+    seed = zlib.crc32(f"{config} {alpha} {'mixture' * mixture}".encode())
+    per_k, any_k, mean = simulate(p, label, ks, alpha, trials, seed, mixture=mixture)
     limit = allowed(alpha, trials)
     print(
-        f"[sequential] {config} alpha={alpha}: some k failed {any_k}/{trials} = "
+        f"[sequential] {config} alpha={alpha} mixture={mixture}: some k failed {any_k}/{trials} = "
         f"{any_k / trials:.4f} (allowed {limit:.4f}); worst k {ks[int(per_k.argmax())]}; "
         f"mean samples {mean:.0f}"
     )
     for k, failures in zip(ks, per_k, strict=True):
         assert failures / trials <= limit, (config, alpha, k, failures)
     assert any_k / trials <= limit, (config, alpha, any_k)
-    if config.startswith("c=2"):  # teeth where one bound decides and errors add up visibly:
-        # every look at the full alpha, on fresh draws of the same inputs
+    if config.startswith("c=2") and not mixture:  # teeth where one bound decides and errors
+        # add up visibly: every look at the full alpha, on fresh draws of the same inputs
         _, unsound, _ = simulate(p, label, ks, alpha, trials, seed + 1, unsound=True)
         print(f"[sequential]   without correction across looks: {unsound}/{trials}")
         assert unsound / trials > limit, (config, alpha, unsound)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("futility", [None, 0.5])
-def test_the_stopping_rule_does_not_matter_for_validity(futility):
-    """Pursuing every target to n_max, or giving up on point estimates, keeps the rate."""
+@pytest.mark.parametrize(("futility", "budget"), [(None, None), (0.5, None), (0.02, 2_000)])
+def test_the_stopping_rule_does_not_matter_for_validity(futility, budget):
+    """Pursuing every target to n_max, giving up on point estimates, or giving up what the
+    optimistic bounds do not certify within a tenth of n_max keeps the rate."""
     p, label, ks = CONFIGS["c=2, just below r=0.5"]
     alpha, trials = 0.05, 4_000
-    _, any_k, _ = simulate(p, label, ks, alpha, trials, seed=17, futility=futility)
-    print(f"[sequential] futility={futility}: {any_k}/{trials} = {any_k / trials:.4f}")
+    _, any_k, _ = simulate(p, label, ks, alpha, trials, 17, futility=futility, budget=budget)
+    print(f"[sequential] futility={futility} budget={budget}: {any_k / trials:.4f}")
     assert any_k / trials <= allowed(alpha, trials)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level", [0.01, 0.05])
+def test_the_mixture_sequence_misses_at_most_its_level_at_any_look(level):
+    """A Bernoulli(0.3) stream looked at every 50 draws up to 10,000, its prior the first 500
+    draws': the sequence misses p at some look at most ``level`` of the time. Teeth: a prior
+    fitted to the same draws it is tested on (so it no longer is a martingale) misses more."""
+    p, first, trials = 0.3, 500, 4_000
+    rng = np.random.default_rng(int(level * 1000))
+    draws = rng.random((trials, 10_000)) < p  # (trials, 10000)
+    prior = draws[:, :first].sum(axis=1) + 0.5, first - draws[:, :first].sum(axis=1) + 0.5
+    ones = np.cumsum(draws[:, first:], axis=1)[:, 49::50]  # (trials, looks)
+    m = np.arange(50, 10_000 - first + 1, 50)  # (looks,)
+
+    def misses(a, b):
+        lower, upper = mixture_bounds(ones, m, a, b, level)
+        return ((lower > p) | (upper < p)).any(axis=1).mean()
+
+    sound = misses(prior[0][:, None], prior[1][:, None])
+    fitted = misses(ones + 0.5, m - ones + 0.5)
+    print(f"[sequential] mixture at {level}: misses {sound:.4f}; prior fitted {fitted:.4f}")
+    assert sound <= allowed(level, trials) < fitted
 
 
 def test_the_configurations_are_what_they_say():

@@ -216,3 +216,14 @@ def test_console_error_is_the_only_output(isolated_run):
         "cifar_resnet20, digits_cnn, resnet101, resnet18, resnet50"
     ]
     assert done.stdout == "" and not Path("runs").exists()
+
+
+@pytest.mark.parametrize(("sigma", "lam"), [("0.25", 10.0), ("0.5", 5.0)])
+def test_consistency_lambda_defaults_to_the_paper_value_for_the_data(isolated_run, lightning_cli,
+                                                                     sigma, lam):  # fmt: skip
+    """The digits datamodule names its kind (MNIST) and the model takes Jeong & Shin's MNIST
+    lambda from it, not their CIFAR-10 one (20 below sigma = 0.5, else 10)."""
+    args = ["--config", CONFIGS / "digits_consistency.yaml", "--model.sigma", sigma]
+    cli = lightning_cli(*args, run=False)
+    assert cli.model.hparams["data_kind"] == "mnist"
+    assert cli.model.hparams["consistency_lambda"] == lam

@@ -1,4 +1,5 @@
-"""Read back what W&B wrote offline: the history rows of a ``run-*.wandb`` file.
+"""Read back what W&B wrote offline: the history rows, metric definitions and config of a
+``run-*.wandb`` file.
 
 The file is a LevelDB-style log (7-byte W&B header, 32 KiB blocks, each record a 7-byte
 header ``crc32 (4) | length (2) | type (1)`` and a piece of a protobuf ``Record``).
@@ -53,6 +54,17 @@ def history(run_file: str | Path) -> list[dict]:
                 }
             )
     return rows
+
+
+def metrics(run_file: str | Path) -> dict[str, str]:
+    """The ``define_metric`` definitions: the step metric of each name (or glob) defined."""
+    out = {}
+    for raw in _raw_records(Path(run_file).read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "metric":
+            out[record.metric.name or record.metric.glob_name] = record.metric.step_metric
+    return out
 
 
 def config(run_file: str | Path) -> dict:

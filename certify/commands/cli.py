@@ -7,10 +7,13 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import pytorch_lightning as pl
 from jsonargparse import ArgumentError
+from pytorch_lightning.loggers import WandbLogger
 
 from certify.commands.checkpoints import network_state, read_checkpoint
 from certify.commands.countfile import format_radius, read_counts, write_atomic
@@ -18,8 +21,10 @@ from certify.commands.report import configure_report, run_report
 from certify.commands.runner import CertifyingTrainer
 from certify.math.radius import certified_radius
 from certify.math.validation import UsageError
-from lightning_modules.cli import SafeTrainer, TopkLightningCLI, innermost, one_line
+from lightning_modules.cli import SafeTrainer, TopkLightningCLI, innermost, one_line, prepare_wandb
 
+#: Modules not of this project (a ``warnings`` filter's ``module``, matched at the start).
+THIRD_PARTY = r"(?!certify|lightning_modules|datamodules)"
 #: The commands that sample the smoothed classifier (and read Cohen et al.'s checkpoints).
 SMOOTHING_COMMANDS = ("certify", "predict")
 LIGHTNING_COMMANDS = ("fit", "validate", "test", *SMOOTHING_COMMANDS)
@@ -29,6 +34,23 @@ DESCRIPTION = ("Certified top-k robustness by randomized smoothing. Lightning co
 
 class Trainer(CertifyingTrainer, SafeTrainer):
     """``SafeTrainer``'s ``fit``, ``validate``, ``test``; ``CertifyingTrainer``'s the others."""
+
+
+class LoggersWhenSampling(pl.Callback):
+    """A command's loggers, attached once sampling starts (Lightning starts a W&B run at setup):
+    a W&B run begins only when the command logs, named for the command and its output directory."""
+
+    def __init__(self, command: str, loggers: list) -> None:
+        self.command, self.loggers = command, loggers
+
+    def on_predict_start(self, trainer: pl.Trainer, task: pl.LightningModule) -> None:
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):  # wandb.init's arguments, where not given
+                init = logger._wandb_init
+                init["name"] = init.get("name") or f"{self.command} {task.output.directory.name}"
+                init["job_type"] = init.get("job_type") or self.command
+        prepare_wandb(self.loggers)
+        trainer.loggers = self.loggers
 
 
 class SmoothingCLI(TopkLightningCLI):
@@ -44,7 +66,15 @@ class SmoothingCLI(TopkLightningCLI):
         skip = {"model", "datamodule"}
         return {**TopkLightningCLI.subcommands(), **dict.fromkeys(SMOOTHING_COMMANDS, skip)}
 
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "predict":  # it logs nothing: no logger, no W&B run
+            self.config.predict.trainer.logger = False
+        super().before_instantiate_classes()
+
     def instantiate_trainer(self, **kwargs: Any):
+        command = self.subcommand
+        if command in SMOOTHING_COMMANDS:  # they write into their output directory only
+            self.save_config_callback = None
         if self.checkpoint is not None and (net := getattr(self.model, "net", None)) is not None:
             arch = getattr(self.model, "hparams", {}).get("arch")
             _, kind = network_state(self.checkpoint, self.ckpt_path, arch, net)
@@ -52,7 +82,11 @@ class SmoothingCLI(TopkLightningCLI):
                 raise UsageError(f"checkpoint {self.ckpt_path!r} is one of Cohen et al.'s models, "
                                  "not a Lightning checkpoint: only `topk-smoothing certify` and "
                                  "`predict` read it")  # fmt: skip
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if command in SMOOTHING_COMMANDS:
+            trainer.callbacks.append(LoggersWhenSampling(command, trainer.loggers))
+            trainer.loggers = []
+        return trainer
 
 
 def configure_radius(parser: argparse.ArgumentParser) -> None:
@@ -102,6 +136,10 @@ class OneLineParser(argparse.ArgumentParser):
         return super().add_argument(*names, **kwargs)
 
 
+def no_advert(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()  # Lightning's tip at every Trainer
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``topk-smoothing COMMAND ...``: 0 on success, 2 after a one-line user mistake."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -110,9 +148,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command in LIGHTNING_COMMANDS:  # no seed line or progress: an error stays alone
             logging.getLogger("lightning_fabric.utilities.seed").setLevel(logging.WARNING)
+            lightning = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+            lightning.addFilter(no_advert)
             if command in SMOOTHING_COMMANDS:
-                logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+                lightning.setLevel(logging.WARNING)
+            for category in (DeprecationWarning, FutureWarning):  # the libraries' own business
+                warnings.filterwarnings("ignore", category=category, module=THIRD_PARTY)
+            callers = getattr(sys.modules.get("wandb"), "run", None)  # left as it is
             SmoothingCLI(args=argv)
+            if (wandb := sys.modules.get("wandb")) is not None and wandb.run not in (None, callers):
+                wandb.finish()  # the command's run, now: at exit W&B abandons pending requests
             return 0
         parser = OneLineParser(prog="topk-smoothing", description=DESCRIPTION)
         sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)

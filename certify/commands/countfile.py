@@ -59,6 +59,11 @@ def read_counts(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise UsageError(f"{path}: not UTF-8 text (bad byte at offset {err.start})") from None
+    if any(t.startswith("radius_top") for t in text.split("\n", 1)[0].split("\t")):
+        raise UsageError(
+            f"{path}: not a counts file, it looks like a certify.tsv (radius_top{{k}} columns); "
+            f"`topk-smoothing report {path}` makes its tables"
+        )
     return parse_counts(text, name=str(path))
 
 

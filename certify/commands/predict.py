@@ -1,6 +1,7 @@
 """``topk-smoothing predict`` (``CertifyingTrainer.predict``): top-k sets with a radius per label,
-on a split or a folder of image files; part lines hold the n0 selection counts, then the n fresh
-ones (``docs/commands.md``)."""
+on a split or a folder of image files, from n fresh samples or, with ``sequential``, from
+samples drawn in rounds; part lines hold the n0 selection counts, then the fresh ones
+(``docs/commands.md``)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,20 @@ from typing import Literal
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from jsonargparse.typing import NonNegativeInt, OpenUnitInterval, PositiveFloat, PositiveInt
+from jsonargparse.typing import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    OpenUnitInterval,
+    PositiveFloat,
+    PositiveInt,
+)
 
 from certify.commands.images import FolderImages
 from certify.commands.outputs import RunOutput, data_identity
+from certify.commands.report import DEFAULT_RADII
 from certify.commands.task import SamplingTask, check_options, default_output_dir, split_dataset
-from certify.math.validation import UsageError, check_top_k
+from certify.math import sequential as schedule
+from certify.math.validation import UsageError, check_radii, check_top_k
 
 ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})  # a file name
 
@@ -28,12 +37,15 @@ def predict(
     max_examples: PositiveInt | None = None, batch_size: PositiveInt | None = None,
     seed: NonNegativeInt = 0, sigma: PositiveFloat | None = None, output_dir: str | None = None,
     channels_last: bool = False, autocast: Literal["bf16", "fp16"] | None = None,
-    compile: bool = False,
+    compile: bool = False, sequential: bool = False, radii: list[NonNegativeFloat] | None = None,
 ) -> bool:  # fmt: skip
     """Top-k sets of the smoothed classifier, with a certified radius for each label.
 
     As ``SmoothedClassifier.predict_certified``: n0 samples choose k labels, n fresh samples
-    bound them; an answer (or one of its radii) is wrong with probability at most alpha.
+    give each its radius (nan: not certified); with probability at least 1 - alpha every
+    radius of an input holds. An input with no label certified is an abstention (-1s). With
+    ``sequential`` (``SmoothedClassifier.predict_sequential``) the fresh samples come in rounds
+    until each label's targets are decided, and a label's radius is the largest target certified.
 
     Args:
         model: the trained classifier (its ``net``, ``num_classes`` and ``sigma``).
@@ -43,8 +55,8 @@ def predict(
         images: a folder of image files to predict instead of a split (recursive, sorted).
         split: ``test`` or ``val``.
         n0: samples that choose the k labels.
-        n: fresh samples that bound them.
-        alpha: the probability that an answer or one of its radii is wrong.
+        n: fresh samples that bound them (the most, with ``sequential``).
+        alpha: the probability that some radius of an input is wrong.
         k: the size of the label set.
         skip: every ``skip``-th example.
         max_examples: at most this many examples (after ``skip``).
@@ -55,11 +67,19 @@ def predict(
         channels_last: channels-last noisy batches, as for ``certify``.
         autocast: the forward pass in ``bf16`` or ``fp16``, as for ``certify``.
         compile: ``torch.compile`` the base classifier, as for ``certify``.
+        sequential: fresh samples in growing rounds until decided (docs/sequential.md).
+        radii: the targets of ``sequential``, e.g. ``[0.25,0.5]`` (default: 0 .. 2).
 
     Returns:
         True when every selected example is done and ``predict.tsv`` is written.
     """
     check_options(model, datamodule, alpha, seed, sigma, output_dir)
+    if radii is not None and not sequential:
+        raise UsageError(
+            "--radii sets the targets of --sequential true; a fixed-n predict states each "
+            "label's own certified radius"
+        )
+    targets = check_radii(DEFAULT_RADII if radii is None else radii) if sequential else None
     if images is not None and not Path(images).expanduser().is_dir():
         raise UsageError(f"images {images!r} is not a directory")
     (k,) = check_top_k(k, int(model.num_classes))
@@ -73,16 +93,31 @@ def predict(
     else:
         meta.update(split=split, data=data_identity(datamodule))
     meta.update(n0=n0, n=n, alpha=alpha, k=k, autocast=autocast, compile=compile)
+    if sequential:  # n is n_max; the targets and the schedule's settings, as certify's
+        spending = f"{schedule.DEFAULT_LAST_SHARE:g} of alpha at the last look, the rest evenly"
+        meta.update(mode="sequential", n_max=meta.pop("n"), radii=list(targets),
+                    first=schedule.DEFAULT_FIRST, growth=schedule.DEFAULT_GROWTH,
+                    futility=schedule.DEFAULT_FUTILITY, budget=schedule.DEFAULT_BUDGET,
+                    spending=spending)  # fmt: skip
     header = ["idx", "label" if names is None else "file", *(f"pred{i + 1}" for i in range(k))]
-    header += [*(f"radius{i + 1}" for i in range(k)), "seconds"]
-    where = default_output_dir("predict", who["name"], what, n0=n0, n=n, sigma=meta["sigma"], k=k)
+    header += [*(f"radius{i + 1}" for i in range(k)), *["samples"][: int(sequential)], "seconds"]
+    seq = {"seq": radii or "default"} if sequential else {}  # its own default directory
+    where = default_output_dir("predict", who["name"], what, n0=n0, n=n, sigma=meta["sigma"],
+                               k=k, **seq)  # fmt: skip
     output = RunOutput(output_dir or where, "predict.json", meta, header)
 
     def step(smoothed, x, labels, ids):  # x (b, C, H, W), labels (b,)
-        chosen, radii, selection, counts = smoothed.predict_certified(
-            x, k, n0, n, alpha, batch_size, seed, ids, return_counts=True
-        )  # (b, k), (b, k), (b, c), (b, c)
-        return chosen, radii, torch.cat([selection, counts], dim=1), None  # counts (b, 2c)
+        samples = None
+        if sequential:
+            chosen, radii, drawn, selection, counts = smoothed.predict_sequential(
+                x, k, n0, targets, n, alpha, batch_size, seed, ids, return_counts=True
+            )  # (b, k), (b, k), (b,), (b, c), (b, c)
+            samples = [[s] for s in drawn.tolist()]
+        else:
+            chosen, radii, selection, counts = smoothed.predict_certified(
+                x, k, n0, n, alpha, batch_size, seed, ids, return_counts=True
+            )  # (b, k), (b, k), (b, c), (b, c)
+        return chosen, radii, torch.cat([selection, counts], dim=1), samples  # counts (b, 2c)
 
     def finish(rows: list[list[str]]) -> None:  # the part lines' fields, by index
         table, counts = [header], [["idx", "selection_counts", "counts"]]
@@ -93,23 +128,43 @@ def predict(
             name = names[int(f[0])] if names is not None else f[1]  # a file: its name
             table.append([f[0], name.translate(ESCAPES), *f[2:-1]])
         output.write("predict.tsv", ["\t".join(row) + "\n" for row in table])
-        output.write("counts.tsv", ["\t".join(row) + "\n" for row in counts])
-        top = np.array([f[2 : 2 + k] for f in rows], dtype=np.int64)  # (N, k)
-        answered = top[:, 0] >= 0
-        parts = [f"predict: {len(rows)} examples, {int(answered.sum())} answered"]
-        if names is None:  # a split: how often the true label is in the answer
-            truth = np.array([f[1] for f in rows], dtype=np.int64)  # (N,)
-            hit = (top == truth[:, None]).any(axis=1) & answered
-            parts.append(f"{int(hit.sum())} of them with the true label")
-        if answered.any():
-            first = np.array([f[2 + k] for f in rows], dtype=np.float64)[answered]
-            parts.append(f"median radius of pred1 {np.median(first):.4g}")
-        parts.append(f"{np.mean([float(f[-2]) for f in rows]):.3f} s each on average")
-        print(", ".join(parts) + f"; wrote predict.tsv and counts.tsv to {output.directory}")
+        if not sequential:  # stopped counts would give `certified_prediction` no guarantee
+            output.write("counts.tsv", ["\t".join(row) + "\n" for row in counts])
+        files = "predict.tsv" if sequential else "predict.tsv and counts.tsv"
+        line = summary(rows, k, names is None, sequential)
+        print(f"{line}; wrote {files} to {output.directory}")
 
-    per_step = max(1, min(64, (batch_size or 2048) // n))
+    if sequential and self.is_global_zero:
+        print(f"predict: sequential, at most n = {n} samples per example, radii {targets}")
+    per_step = 64 if sequential else max(1, min(64, (batch_size or 2048) // n))
     task = SamplingTask("predict", output, dataset, step, finish, per_step, batch_size)
     inputs = f"images in {images}" if images is not None else f"{split} split"
     settings = dict(n0=n0, n=n, alpha=alpha, k=k, inputs=inputs)
-    return self._sample(model, who, skip, max_examples, f"n0 = {n0}, n = {n}", task, settings,
+    sizes = f"n0 = {n0}, {'at most ' * sequential}n = {n}"
+    return self._sample(model, who, skip, max_examples, sizes, task, settings,
                         seed, channels_last, autocast, compile, "predict.tsv")  # fmt: skip
+
+
+def summary(rows: list[list[str]], k: int, split: bool, sequential: bool = False) -> str:
+    """The closing line: answers, abstentions and why, labels certified, where the truth is,
+    the fresh samples drawn (``sequential``) and the time."""
+    top = np.array([f[2 : 2 + k] for f in rows], dtype=np.int64)  # (N, k)
+    radii = np.array([f[2 + k : 2 + 2 * k] for f in rows], dtype=np.float64)  # (N, k)
+    certified = ~np.isnan(radii)  # (N, k)
+    total, answered, first = len(rows), int(certified.any(axis=1).sum()), certified[:, 0]
+    line = f"predict: {total} example{'s' * (total != 1)}, {answered} answered"
+    if answered < total:
+        line += f", {total - answered} abstained: no label certified"
+    line += f"; {int(certified.sum())} of {certified.size} labels certified, pred1 for "
+    line += f"{int(first.sum())}"
+    if first.any():
+        line += f" (median radius {np.median(radii[first, 0]):.4g})"
+    if split:  # how often the true label is in the answer, and certified there
+        hit = top == np.array([f[1] for f in rows], dtype=np.int64)[:, None]  # (N, k)
+        line += f"; true label in the set for {int(hit.any(axis=1).sum())}, certified for "
+        line += f"{int((hit & certified).any(axis=1).sum())}"
+    if sequential:  # the samples column, before seconds
+        samples = np.array([f[2 + 2 * k] for f in rows], dtype=np.int64)  # (N,)
+        line += f"; {samples.mean():.0f} fresh samples each on average (median "
+        line += f"{np.median(samples):.0f}, most {samples.max()})"
+    return line + f"; {np.mean([float(f[-2]) for f in rows]):.3f} s each on average"

@@ -16,7 +16,13 @@ import torch
 
 from certify.commands.countfile import write_atomic
 from certify.math.validation import UsageError
-from certify.training.metric import CertifiedTopKAccuracy, markdown_table
+from certify.training.metric import (
+    CertifiedTopKAccuracy,
+    define_steps,
+    markdown_table,
+    radius_key,
+    wandb_table,
+)
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
@@ -127,13 +133,15 @@ def write_report(tsv: str | Path, at=None, output_dir=None, n: int | None = None
     description = describe(meta, len(radii), samples)
     out = Path(output_dir) if output_dir is not None else tsv.parent
     out.mkdir(parents=True, exist_ok=True)  # only once the numbers stand
+    replaced = (out / "report.md").is_file()
     write_atomic(out / "report.md", [markdown_table(top_k, at, accuracy, acr, description)])
     table = [["k", *(f"certified@{r:g}" for r in at), "acr"]]
     table += [[k, *(f"{v:.6f}" for v in accuracy[i]), f"{acr[i]:.6f}"] for i, k in enumerate(top_k)]
     write_atomic(out / "report.csv", [",".join(map(str, row)) + "\n" for row in table])
     plot_curves(radii, top_k, description, out / "certified_accuracy.png")
     return {"top_k": top_k, "radii": list(at), "accuracy": accuracy, "acr": acr,
-            "examples": len(radii), "description": description, "output_dir": out}  # fmt: skip
+            "examples": len(radii), "description": description, "output_dir": out,
+            "replaced": replaced}  # fmt: skip
 
 
 def configure_report(parser: argparse.ArgumentParser) -> None:
@@ -149,19 +157,26 @@ def run_report(args: argparse.Namespace) -> None:
         raise UsageError(f"n must be an integer >= 1, got {args.n}")
     result = write_report(args.tsv, args.radii, args.output_dir, args.n)
     print((result["output_dir"] / "report.md").read_text(), end="")
+    again = ", replacing the earlier report" if result["replaced"] else ""
+    print(f"report: wrote report.md, report.csv and certified_accuracy.png to "
+          f"{result['output_dir']}{again}")  # fmt: skip
 
 
 def log_to_wandb(loggers, result: dict) -> None:
+    """``write_report``'s numbers to the W&B loggers: scalars, table and plot on one row."""
     from pytorch_lightning.loggers import WandbLogger
 
     if not (loggers := [lg for lg in loggers if isinstance(lg, WandbLogger)]):
         return
     import wandb
 
-    columns = ["k", *(f"r={r:g}" for r in result["radii"]), "acr"]
-    rows = [[k, *result["accuracy"][i].tolist(), float(result["acr"][i])]
-            for i, k in enumerate(result["top_k"])]  # fmt: skip
-    table = wandb.Table(columns=columns, data=rows)
+    top_k, at, accuracy, acr = (result[key] for key in ("top_k", "radii", "accuracy", "acr"))
+    scalars = {f"certify/{radius_key(k, r)}": float(accuracy[i, j])
+               for i, k in enumerate(top_k) for j, r in enumerate(at)}  # fmt: skip
+    scalars.update({f"certify/acr_top{k}": float(acr[i]) for i, k in enumerate(top_k)})
     image = wandb.Image(str(result["output_dir"] / "certified_accuracy.png"))
+    row = {**scalars, "certify/table": wandb_table(top_k, at, accuracy, acr),
+           "certify/curve": image, "trainer/global_step": 0}  # fmt: skip
     for logger in loggers:
-        logger.experiment.log({"certify/table": table, "certify/curve": image})
+        define_steps(logger.experiment, scalars)
+        logger.experiment.log(row)

@@ -30,6 +30,7 @@ from certify.commands.task import (
 )
 from certify.math import sequential as schedule
 from certify.math.validation import UsageError, check_radii, check_sigma, check_top_k, default_top_k
+from certify.training.metric import plural
 
 
 class CertifyingTrainer(pl.Trainer):
@@ -99,7 +100,8 @@ class CertifyingTrainer(pl.Trainer):
             spending = f"{schedule.DEFAULT_LAST_SHARE:g} of alpha at the last look, the rest evenly"
             meta.update(mode="sequential", n_max=meta.pop("n"), radii=list(targets),
                         first=schedule.DEFAULT_FIRST, growth=schedule.DEFAULT_GROWTH,
-                        futility=schedule.DEFAULT_FUTILITY, spending=spending)  # fmt: skip
+                        futility=schedule.DEFAULT_FUTILITY, budget=schedule.DEFAULT_BUDGET,
+                        spending=spending)  # fmt: skip
         seq = {"seq": radii or "default"} if sequential else {}  # its own default directory
         where = default_output_dir("certify", who["name"], split, n=n, sigma=meta["sigma"],
                                    k=top_k, **seq)  # fmt: skip
@@ -132,7 +134,7 @@ class CertifyingTrainer(pl.Trainer):
             seconds = np.array([float(f[-2]) for f in rows])  # (N,)
             print((output.directory / "report.md").read_text(), end="")
             print(
-                f"certify: {len(rows)} examples, {seconds.mean():.3f} s each on average "
+                f"certify: {plural(len(rows), 'example')}, {seconds.mean():.3f} s each on average "
                 f"({seconds.sum():.1f} s in all); wrote certify.tsv, "
                 f"{'' if sequential else 'counts.txt, '}report.md, report.csv "
                 f"and certified_accuracy.png to {output.directory}"
@@ -221,13 +223,24 @@ class CertifyingTrainer(pl.Trainer):
                 flush=True,
             )
             print(f"{task.command}: " + (
-                f"all {total} examples are already in {where}; merging" if done == total
+                f"{'the example is' if total == 1 else f'all {total} examples are'} already in "
+                f"{where}; merging" if done == total
                 else f"{done} of {total} examples already in {where}, resuming" if done
-                else f"{total} examples, {sizes}, into {where}"
+                else f"{plural(total, 'example')}, {sizes}, into {where}"
             ))  # fmt: skip
         if done < total:
             task.net = model.net
-            pl.Trainer.predict(self, task, return_predictions=False)
+            bar = self.progress_bar_callback  # its "Predicting DataLoader 0" would count batches
+            task.progress = bar is not None and bar.is_enabled
+            try:
+                if task.progress:
+                    bar.disable()  # the task's own bar counts examples
+                pl.Trainer.predict(self, task, return_predictions=False)
+            finally:
+                if task.bar is not None:
+                    task.bar.close()
+                if task.progress:
+                    bar.enable()
         elif self.is_global_zero:
             task.merge()
         return (where / result).is_file()

@@ -48,6 +48,8 @@ def check_options(model, datamodule, alpha, seed, sigma, output_dir) -> None:
         check_sigma(sigma)  # finite
     if output_dir is not None and not str(output_dir).strip():
         raise UsageError(f"output_dir must name a directory, got {output_dir!r}")
+    if output_dir is not None and Path(output_dir).is_file():
+        raise UsageError(f"output_dir {output_dir} is a file, not a directory")
     if datamodule is None:
         raise UsageError("no datamodule: pass --data (or a config with one)")
     if getattr(model, "net", None) is None:
@@ -66,7 +68,8 @@ def split_dataset(datamodule: pl.LightningDataModule, split: str) -> Dataset:
 class SamplingTask(pl.LightningModule):
     """``step(smoothed, x, labels, ids)`` -> labels (b, K), radii (b, K'), counts (b, c), extra
     fields per example or None, on the ``selected`` examples of ``dataset`` not yet in
-    ``output``; rank 0's ``finish`` writes the files from the merged rows."""
+    ``output``; rank 0's ``finish`` writes the files from the merged rows. With ``progress``,
+    the first process shows a bar of its examples, named for the command."""
 
     def __init__(self, command: str, output: RunOutput, dataset: Dataset, step: Callable,
                  finish: Callable, per_step: int, batch_size: int | None) -> None:  # fmt: skip
@@ -74,6 +77,7 @@ class SamplingTask(pl.LightningModule):
         self.command, self.output, self.dataset, self.step = command, output, dataset, step
         self.finish, self.per_step, self.batch_size = finish, per_step, batch_size
         self.selected: list[int] = []
+        self.progress, self.bar, self.pending = False, None, 0
 
     def merge(self) -> None:
         rows = self.output.merged(self.selected)
@@ -88,6 +92,7 @@ class SamplingTask(pl.LightningModule):
     def predict_dataloader(self) -> DataLoader:  # the examples no part file holds yet
         done = self.output.read_parts()
         pending = [i for i in self.selected if i not in done]
+        self.pending = len(pending)
         return DataLoader(pending, batch_size=self.per_step, collate_fn=self.load)
 
     def on_predict_start(self) -> None:
@@ -98,6 +103,13 @@ class SamplingTask(pl.LightningModule):
             self.net, meta["num_classes"], meta["sigma"], AUTOCAST_DTYPES[meta.get("autocast")],
             channels_last=meta["channels_last"], compile=meta.get("compile", False),
         )  # fmt: skip
+        if self.progress and self.global_rank == 0:  # its share: every world_size-th example
+            from tqdm.auto import tqdm
+
+            world = self.trainer.world_size
+            name = self.command if world == 1 else f"{self.command}, process 0 of {world}"
+            total = len(range(0, self.pending, world))
+            self.bar = tqdm(total=total, desc=name, unit="example", leave=False, dynamic_ncols=True)
 
     def on_predict_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         if self.trainer.received_sigterm:  # Lightning's predict loop would carry on
@@ -130,6 +142,8 @@ class SamplingTask(pl.LightningModule):
         lines = [part_line([i, y, *t, *map(format_radius, r), *e], seconds, c)
                  for i, y, t, r, c, e in rows]  # fmt: skip
         self.output.append(self._fd, lines)
+        if self.bar is not None:
+            self.bar.update(len(lines))
         return len(lines)
 
     def on_predict_end(self) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from certify.math.bounds import _lower, _upper
+from certify.math.mixture import mixture_bounds
 from certify.math.radius import _radius
 from certify.math.validation import (
     UsageError,
@@ -34,6 +35,8 @@ DEFAULT_GROWTH = 1.25
 DEFAULT_FUTILITY = 0.02
 #: Share of alpha spent at the last look (n_max) by default; the other looks share the rest.
 DEFAULT_LAST_SHARE = 0.75
+#: Share of n_max within which optimistic bounds must reach a target for it to be pursued.
+DEFAULT_BUDGET = 0.7
 
 
 def look_schedule(
@@ -113,6 +116,7 @@ def certify_sequential(
     schedule: Sequence[int] | None = None,
     spending: Sequence[float] | None = None,
     futility: float | None = DEFAULT_FUTILITY,
+    budget: float = DEFAULT_BUDGET,
 ) -> SequentialCertificate:
     """Certify ``labels`` at the target ``radii`` for every k, drawing samples in rounds.
 
@@ -134,6 +138,8 @@ def certify_sequential(
         spending: relative weights of the looks' levels (default: ``spend``'s).
         futility: level of the optimistic bounds that stop pursuing a target out of reach;
             ``None`` pursues every target until certified or ``n_max``.
+        budget: a target is out of reach when the optimistic bounds would not certify it
+            with ``budget * n_max`` samples (a share in (0, 1]).
 
     Returns:
         A :class:`SequentialCertificate`.
@@ -167,17 +173,28 @@ def certify_sequential(
     levels = spend(alpha, len(looks), spending)
     if futility is not None:
         futility = check_alpha(futility, name="futility")
-    return _certify_rounds(draw, labels, top_k, sigma, targets, looks, levels, futility)
+    if isinstance(budget, bool) or not (isinstance(budget, (int, float)) and 0 < budget <= 1):
+        raise UsageError(f"budget must be a share of n_max in (0, 1], got {budget!r}")
+    horizon = math.ceil(budget * n_max)
+    return _certify_rounds(draw, labels, top_k, sigma, targets, looks, levels, futility, horizon)
 
 
-def _certify_rounds(draw, labels, top_k, sigma, targets, looks, levels, futility):
-    """The rounds, with the looks' levels given (the tests also run unsound levels here)."""
+def _certify_rounds(
+    draw, labels, top_k, sigma, targets, looks, levels, futility, budget=None, mixture=0.0
+):
+    """The rounds, with the levels given (the tests also run unsound levels here): Clopper-
+    Pearson bounds at ``levels[j]`` at look j (0: none) and, after the first look, the mixture
+    confidence sequence at level ``mixture`` (0: none), its prior the first look's counts.
+
+    A target is pursued while optimistic bounds (level ``futility``) would certify it with
+    ``budget`` samples (default the last look), bounded as the last look bounds."""
     labels = np.asarray(labels)
     batch, targets = len(labels), np.asarray(targets, dtype=np.float64)
     active, samples = np.ones(batch, dtype=bool), np.zeros(batch, dtype=np.int64)
     certified = np.zeros((batch, len(top_k)), dtype=np.int64)  # targets certified, per k
     counts = p_lower = upper = None
     drawn = 0
+    horizon = looks[-1] if budget is None else min(budget, looks[-1])
     for j, n in enumerate(looks):
         new = _checked_draw(draw, n - drawn, active, batch, counts)  # (B, c)
         if counts is None:  # the first round tells c
@@ -192,6 +209,15 @@ def _certify_rounds(draw, labels, top_k, sigma, targets, looks, levels, futility
         own = _lower(counts[rows, labels[rows]], n, level)  # (b,)
         p_lower[rows] = np.maximum(p_lower[rows], own)
         upper[rows] = np.minimum(upper[rows], _upper(counts[rows], n, level))  # (b, c)
+        if j == 0:
+            first, prior = counts.copy(), (counts + 0.5, n - counts + 0.5)  # (B, c) each
+        elif mixture > 0:  # the sequence reads only the samples after the first look
+            lower, up = mixture_bounds(
+                (counts - first)[rows], n - looks[0], prior[0][rows], prior[1][rows],
+                mixture / counts.shape[1],
+            )  # fmt: skip
+            p_lower[rows] = np.maximum(p_lower[rows], lower[np.arange(len(rows)), labels[rows]])
+            upper[rows] = np.minimum(upper[rows], up)
         radius = _radius(p_lower[rows], upper[rows], labels[rows], top_k, sigma)  # (b, K)
         certified[rows] = _targets_within(radius, targets)
         if j == len(looks) - 1:
@@ -199,7 +225,7 @@ def _certify_rounds(draw, labels, top_k, sigma, targets, looks, levels, futility
         reachable = len(targets)
         if futility is not None:
             best = _optimistic_radius(
-                counts[rows], labels[rows], n, looks[-1], levels[-1], futility, top_k, sigma
+                counts[rows], labels[rows], n, horizon, levels[-1], futility, top_k, sigma
             )  # (b, K)
             reachable = _targets_within(best, targets)
         decided = (certified[rows] >= reachable).all(axis=1)  # (b,)
@@ -218,7 +244,7 @@ def _targets_within(radius: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def _optimistic_radius(counts, labels, n, n_max, last_level, futility, top_k, sigma):
-    """Radius ``(b, K)`` that ``n_max`` samples would certify at the last look's level with the
+    """Radius ``(b, K)`` that ``n_max`` samples would certify at level ``last_level`` with the
     label's frequency at its upper bound at level ``futility``, the others' at their lower."""
     rows = np.arange(counts.shape[0])
     hopeful = _lower(counts, n, futility)  # (b, c)

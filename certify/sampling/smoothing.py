@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from certify.math.prediction import certified_prediction, select_top_k, top_k_set
+from certify.math.prediction import certified_prediction, sequential_prediction, top_k_set
 from certify.math.radius import certified_radius
 from certify.math.sequential import (
+    DEFAULT_BUDGET,
     DEFAULT_FIRST,
     DEFAULT_FUTILITY,
     DEFAULT_GROWTH,
@@ -290,28 +291,63 @@ class SmoothedClassifier:
         batch_size: int | None = None, seed: int | None = None, example_ids: IdsLike = None,
         return_counts: bool = False,
     ) -> tuple[torch.Tensor, ...]:  # fmt: skip
-        """``(labels (B, k), radii (B, k))`` on the CPU, -1 and NaN = abstain: ``n0`` selection
-        samples choose the labels, ``n`` fresh certify samples bound them; with
-        ``return_counts`` also both ``(B, c)`` counts (zeros where none was chosen)."""
+        """``(labels (B, k), radii (B, k))`` on the CPU: ``n0`` selection samples choose k
+        labels, ``n`` fresh certify samples give each its top-k radius, NaN = not certified; a
+        row of -1 (abstain) has none certified (``certify.math.prediction.certified_prediction``).
+        With ``return_counts`` also both ``(B, c)`` counts."""
         x, ids, seed = self._check(x, seed, example_ids, n0=n0, n=n, batch_size=batch_size)
         (k,) = check_top_k(k, self.num_classes)
         check_alpha(alpha)
         selection = self._counts(x, n0, batch_size, seed, ids, "selection").cpu()  # (B, c)
-        _, separated = select_top_k(selection, k)  # (B,) bool
-        counts = torch.zeros_like(selection)  # (B, c); rows without a selection are not read
-        if separated.any():
-            rows = separated.nonzero().flatten().tolist()
-            chosen = [ids[i] for i in rows]
-            counts[rows] = self._counts(x[rows], n, batch_size, seed, chosen, "certify").cpu()
+        counts = self._counts(x, n, batch_size, seed, ids, "certify").cpu()  # (B, c)
         chosen, radii = certified_prediction(selection, counts, k, self.sigma, alpha)
         return (chosen, radii, selection, counts) if return_counts else (chosen, radii)
+
+    def predict_sequential(
+        self, x: torch.Tensor, k: int, n0: int, radii: Sequence[float], n_max: int,
+        alpha: float, batch_size: int | None = None, seed: int | None = None,
+        example_ids: IdsLike = None, first: int = DEFAULT_FIRST, growth: float = DEFAULT_GROWTH,
+        futility: float | None = DEFAULT_FUTILITY, budget: float = DEFAULT_BUDGET,
+        return_counts: bool = False,
+    ) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        """``(labels (B, k), radius (B, k), samples (B,))`` on the CPU: ``n0`` selection
+        samples choose k labels, certify samples drawn in rounds (at most ``n_max``) give each
+        the largest target of ``radii`` certified, NaN = none; a row of -1 (abstain) has none
+        (``certify.math.prediction.sequential_prediction``). ``samples`` counts the certify
+        samples drawn (the rounds as in ``certify_sequential``). With ``return_counts`` also
+        the ``(B, c)`` selection counts and certify counts."""
+        x, ids, seed = self._check(x, seed, example_ids, n0=n0, n_max=n_max, batch_size=batch_size)
+        (k,) = check_top_k(k, self.num_classes)
+        check_alpha(alpha)
+        chunk = noise_chunk(self.device, x.shape[1:])
+        schedule = look_schedule(n_max, first, growth, multiple=chunk)
+        selection = self._counts(x, n0, batch_size, seed, ids, "selection").cpu()  # (B, c)
+        drawn = [0]  # samples of each active stream drawn so far
+
+        def draw(m: int, active: torch.Tensor) -> torch.Tensor:
+            counts = torch.zeros(x.shape[0], self.num_classes, dtype=torch.int64)  # (B, c)
+            rows = active.nonzero().flatten().tolist()
+            if rows:
+                chosen = [ids[i] for i in rows]
+                counts[rows] = self._counts(
+                    x[rows], m, batch_size, seed, chosen, "certify", drawn[0]
+                ).cpu()
+            drawn[0] += m
+            return counts
+
+        labels, radius, samples, counts = sequential_prediction(
+            selection, draw, k, self.sigma, alpha, radii, n_max,
+            schedule=schedule, futility=futility, budget=budget,
+        )  # fmt: skip
+        answer = (labels, radius, samples)
+        return (*answer, selection, counts) if return_counts else answer
 
     def certify_sequential(
         self, x: torch.Tensor, labels: torch.Tensor, top_k: int | Sequence[int],
         radii: Sequence[float], n_max: int, alpha: float, batch_size: int | None = None,
         seed: int | None = None, example_ids: IdsLike = None, purpose: str = "certify",
         first: int = DEFAULT_FIRST, growth: float = DEFAULT_GROWTH,
-        futility: float | None = DEFAULT_FUTILITY,
+        futility: float | None = DEFAULT_FUTILITY, budget: float = DEFAULT_BUDGET,
     ) -> SequentialCertificate:  # fmt: skip
         """Sequential CERTIFY at ``radii``, at most ``n_max`` samples per input: a
         ``SequentialCertificate`` on the CPU. Each round continues every active stream where
@@ -336,5 +372,5 @@ class SmoothedClassifier:
 
         return certify_sequential(
             draw, labels, top_k, self.sigma, alpha, radii, n_max,
-            num_classes=self.num_classes, schedule=schedule, futility=futility,
+            num_classes=self.num_classes, schedule=schedule, futility=futility, budget=budget,
         )  # fmt: skip

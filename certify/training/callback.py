@@ -9,7 +9,6 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
-from pytorch_lightning.utilities import rank_zero_only
 
 from certify.math.validation import (
     UsageError,
@@ -24,14 +23,21 @@ from certify.math.validation import (
 )
 from certify.sampling.options import check_autocast
 from certify.sampling.smoothing import SmoothedClassifier
-from certify.training.metric import CertifiedTopKAccuracy, markdown_table
+from certify.training.metric import (
+    CertifiedTopKAccuracy,
+    define_steps,
+    markdown_table,
+    plural,
+    radius_key,
+    wandb_table,
+)
 
 
 class CertificationCallback(pl.Callback):
     """Certify an evenly spread subset of the validation split after validation epochs, each
     process its share (noise keyed by dataset index, exact metric: any process count gives
     the same numbers); logs ``val/certified_top{k}@{r}``, ``val/acr_top{k}``,
-    ``val/certify_seconds`` (and a W&B curve).
+    ``val/certify_seconds`` (and, to W&B, the table ``val/certified_table`` on the same step).
 
     Args:
         top_k: the k values; ``None``: (1, 3, 5) below num_classes.
@@ -120,6 +126,9 @@ class CertificationCallback(pl.Callback):
         size = len(self.dataset)
         count = size if self.num_examples is None else min(self.num_examples, size)
         self.indices = np.unique(np.linspace(0, size - 1, count).round().astype(np.int64))
+        keys = [f"val/{radius_key(k, r)}" for k in self.top_k for r in self.radii]
+        for experiment in self._wandb(trainer):
+            define_steps(experiment, keys)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_start, self.certify_seconds = time.perf_counter(), 0.0
@@ -142,7 +151,7 @@ class CertificationCallback(pl.Callback):
             print(
                 f"Certification took {spent:.1f} s of the {total:.1f} s fit ({share:.0%}): "
                 f"{spent / epochs:.2f} s per epoch of {total / epochs:.2f} s on average over "
-                f"{epochs} epochs"
+                f"{plural(epochs, 'epoch')}"
             )
 
     def _due(self, trainer: pl.Trainer) -> bool:
@@ -164,15 +173,20 @@ class CertificationCallback(pl.Callback):
         seconds = time.perf_counter() - start
         fitting = trainer.state.fn == "fit"
         self.certify_seconds += seconds if fitting else 0.0
+        epoch = trainer.current_epoch if fitting else None
+        for experiment in self._wandb(trainer):  # joins the row of the scalars logged next
+            table = wandb_table(self.top_k, self.radii, accuracy.cpu(), acr.cpu(), epoch)
+            experiment.log({"val/certified_table": table}, commit=False)
+        # the same value on every process (summed over them already): the max keeps it as it
+        # is, and a synced value is one Lightning need not warn about
+        same = dict(sync_dist=True, reduce_fx="max")
         values = metric.keyed(accuracy, acr)
-        pl_module.log_dict({f"val/{key}": value.float() for key, value in values.items()})
-        pl_module.log("val/certify_seconds", seconds, reduce_fx="max", sync_dist=True)
+        pl_module.log_dict({f"val/{key}": value.float() for key, value in values.items()}, **same)
+        pl_module.log("val/certify_seconds", seconds, **same)
         if self.sequential:  # the mean over all processes' examples
             local = torch.tensor([sum(self.samples), len(self.samples)], dtype=torch.float64)
             total, count = trainer.strategy.reduce(local.to(pl_module.device), reduce_op="sum")
-            pl_module.log("val/certify_samples", float(total / count.clamp(min=1)))
-        self._log_curve(trainer, accuracy)
-        epoch = trainer.current_epoch if fitting else None
+            pl_module.log("val/certify_samples", float(total / count.clamp(min=1)), **same)
         self.last_table = (accuracy.cpu().numpy(), acr.cpu().numpy(), epoch)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -186,7 +200,8 @@ class CertificationCallback(pl.Callback):
         accuracy, acr, epoch = self.last_table
         n = f"sequential, n_max = {self.n}" if self.sequential else f"n = {self.n}"
         at = "" if epoch is None else f", epoch {epoch}"
-        description = f"smoothed classifier, {len(self.indices)} validation examples, {n}, "
+        examples = plural(len(self.indices), "validation example")
+        description = f"smoothed classifier, {examples}, {n}, "
         description += f"alpha = {self.alpha:g}{at}"
         print(markdown_table(self.top_k, self.radii, accuracy, acr, description), end="")
 
@@ -227,13 +242,8 @@ class CertificationCallback(pl.Callback):
             metric.update(radii)
         return metric
 
-    @rank_zero_only
-    def _log_curve(self, trainer: pl.Trainer, accuracy: torch.Tensor) -> None:
-        for logger in [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]:
-            import wandb
-
-            keys = [f"top-{k}" for k in self.top_k]
-            curve = wandb.plot.line_series(list(self.radii), accuracy.cpu().tolist(), keys,
-                                           "Certified accuracy vs radius", "radius")  # fmt: skip
-            step = {"trainer/global_step": trainer.global_step}
-            logger.experiment.log({"val/certified_accuracy_curve": curve, **step})
+    @staticmethod
+    def _wandb(trainer: pl.Trainer) -> list:
+        """The W&B runs of the trainer's loggers (on the first process; none elsewhere)."""
+        loggers = trainer.loggers if trainer.global_rank == 0 else []
+        return [logger.experiment for logger in loggers if isinstance(logger, WandbLogger)]

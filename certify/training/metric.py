@@ -20,6 +20,11 @@ def radius_key(k: int, r: float) -> str:
     return f"certified_top{k}@{r:g}"
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 example``, ``2 examples``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def exact_mean(values: list[float], count: int) -> float:
     """The mean of ``values`` (NaN counted as 0), rounded once: the ``Fraction`` sum is exact,
     so any order (any process count or batching) gives the same bits; any inf gives inf."""
@@ -141,3 +146,23 @@ def markdown_table(top_k, at, accuracy, acr, description: str) -> str:
         for i, k in enumerate(top_k)
     ]
     return "\n".join([f"Certified top-k accuracy ({description})", "", head, rule, *body]) + "\n"
+
+
+def wandb_table(top_k, at, accuracy, acr, epoch: int | None = None):
+    """Certified accuracy ``(K, R)`` and ACR ``(K,)`` as a ``wandb.Table``, one row per k (the
+    ``epoch`` first, when given: rows of several evaluations stay apart when compared)."""
+    import wandb
+
+    columns = ["epoch"] * (epoch is not None) + ["k", *(f"r={r:g}" for r in at), "acr"]
+    rows = [[epoch] * (epoch is not None) + [k, *map(float, accuracy[i]), float(acr[i])]
+            for i, k in enumerate(top_k)]  # fmt: skip
+    return wandb.Table(columns=columns, data=rows)
+
+
+def define_steps(experiment, keys, step: str = "trainer/global_step") -> None:
+    """Plot the W&B ``keys`` against ``step``. ``define_metric`` reads a dot as nesting
+    (``val/certified_top1@0.25`` would name ``25`` inside ``val/certified_top1@0``), so dots are
+    escaped; keys without one already follow Lightning's ``*`` definition."""
+    for key in keys:
+        if "." in key:
+            experiment.define_metric(key.replace(".", "\\."), step_metric=step)
