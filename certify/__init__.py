@@ -20,7 +20,7 @@ from certify.math.bounds import (
     clopper_pearson_upper,
     simuem_bounds,
 )
-from certify.math.prediction import certified_prediction, top_k_set
+from certify.math.prediction import certified_prediction, sequential_prediction, top_k_set
 from certify.math.radius import certified_radius, radius_from_bounds
 from certify.math.sequential import SequentialCertificate, certify_sequential
 from certify.sampling.smoothing import SmoothedClassifier
@@ -38,6 +38,7 @@ __all__ = [
     "clopper_pearson_lower",
     "clopper_pearson_upper",
     "radius_from_bounds",
+    "sequential_prediction",
     "simuem_bounds",
     "top_k_set",
 ]

@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from jsonargparse import ArgumentError, Namespace
-from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -230,9 +230,12 @@ class TopkLightningCLI(LightningCLI):
         if self.subcommand == "fit" and logger is not None and not logger:  # its own folder
             kwargs.setdefault("default_root_dir", self.fit_folder())
         trainer = super().instantiate_trainer(**kwargs)
+        unused = []
         if trainer.logger is None:  # nothing to log the learning rate to: it would stop the fit
-            trainer.callbacks[:] = [c for c in trainer.callbacks
-                                    if not isinstance(c, LearningRateMonitor)]  # fmt: skip
+            unused.append(LearningRateMonitor)
+        if self.subcommand in ("validate", "test"):  # nothing to save; restoring a checkpoint's
+            unused.append(ModelCheckpoint)  # state into them only warns of another folder
+        trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, tuple(unused))]
         return trainer
 
     def fit_folder(self) -> str:

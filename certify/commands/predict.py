@@ -21,10 +21,15 @@ from jsonargparse.typing import (
 
 from certify.commands.images import FolderImages
 from certify.commands.outputs import RunOutput, data_identity
-from certify.commands.report import DEFAULT_RADII
-from certify.commands.task import SamplingTask, check_options, default_output_dir, split_dataset
-from certify.math import sequential as schedule
-from certify.math.validation import UsageError, check_radii, check_top_k
+from certify.commands.task import (
+    SamplingTask,
+    check_options,
+    default_output_dir,
+    record_sequential,
+    sequential_targets,
+    split_dataset,
+)
+from certify.math.validation import UsageError, check_top_k
 
 ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})  # a file name
 
@@ -74,12 +79,8 @@ def predict(
         True when every selected example is done and ``predict.tsv`` is written.
     """
     check_options(model, datamodule, alpha, seed, sigma, output_dir)
-    if radii is not None and not sequential:
-        raise UsageError(
-            "--radii sets the targets of --sequential true; a fixed-n predict states each "
-            "label's own certified radius"
-        )
-    targets = check_radii(DEFAULT_RADII if radii is None else radii) if sequential else None
+    fixed = "a fixed-n predict states each label's own certified radius"
+    targets = sequential_targets(sequential, radii, fixed)
     if images is not None and not Path(images).expanduser().is_dir():
         raise UsageError(f"images {images!r} is not a directory")
     (k,) = check_top_k(k, int(model.num_classes))
@@ -93,12 +94,8 @@ def predict(
     else:
         meta.update(split=split, data=data_identity(datamodule))
     meta.update(n0=n0, n=n, alpha=alpha, k=k, autocast=autocast, compile=compile)
-    if sequential:  # n is n_max; the targets and the schedule's settings, as certify's
-        spending = f"{schedule.DEFAULT_LAST_SHARE:g} of alpha at the last look, the rest evenly"
-        meta.update(mode="sequential", n_max=meta.pop("n"), radii=list(targets),
-                    first=schedule.DEFAULT_FIRST, growth=schedule.DEFAULT_GROWTH,
-                    futility=schedule.DEFAULT_FUTILITY, budget=schedule.DEFAULT_BUDGET,
-                    spending=spending)  # fmt: skip
+    if sequential:
+        record_sequential(meta, targets)
     header = ["idx", "label" if names is None else "file", *(f"pred{i + 1}" for i in range(k))]
     header += [*(f"radius{i + 1}" for i in range(k)), *["samples"][: int(sequential)], "seconds"]
     seq = {"seq": radii or "default"} if sequential else {}  # its own default directory

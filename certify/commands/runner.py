@@ -21,15 +21,16 @@ from torch import nn
 from certify.commands.countfile import format_counts
 from certify.commands.outputs import RunOutput, data_identity
 from certify.commands.predict import predict
-from certify.commands.report import DEFAULT_RADII, log_to_wandb, write_report
+from certify.commands.report import log_to_wandb, write_report
 from certify.commands.task import (
     SamplingTask,
     check_options,
     default_output_dir,
+    record_sequential,
+    sequential_targets,
     split_dataset,
 )
-from certify.math import sequential as schedule
-from certify.math.validation import UsageError, check_radii, check_sigma, check_top_k, default_top_k
+from certify.math.validation import UsageError, check_sigma, check_top_k, default_top_k
 from certify.training.metric import plural
 
 
@@ -78,17 +79,16 @@ class CertifyingTrainer(pl.Trainer):
             True when every selected example is certified and the report is written.
         """
         check_options(model, datamodule, alpha, seed, sigma, output_dir)
-        if radii is not None and not sequential:
-            raise UsageError(
-                "--radii sets the targets of --sequential true; a fixed-n run certifies every "
-                "radius (choose the report's radii with `topk-smoothing report --radii`)"
-            )
         if sequential and bounds != "simuem":
             raise UsageError(
                 "--sequential true bounds with simuem (Clopper-Pearson per label), got bounds "
                 f"{bounds!r}"
             )
-        targets = check_radii(DEFAULT_RADII if radii is None else radii) if sequential else None
+        fixed = (
+            "a fixed-n run certifies every radius (choose the report's radii with "
+            "`topk-smoothing report --radii`)"
+        )
+        targets = sequential_targets(sequential, radii, fixed)
         top_k = check_top_k(default_top_k(int(model.num_classes)) if k is None else k,
                             int(model.num_classes))  # fmt: skip
         who, meta = self._load(model, ckpt_path, trust_checkpoint, sigma, compile)
@@ -96,12 +96,8 @@ class CertifyingTrainer(pl.Trainer):
                     data=data_identity(datamodule), noise_purpose="certify")  # fmt: skip
         if autocast is not None or compile:  # recorded when on, as since they were added
             meta.update(autocast=autocast, compile=compile)
-        if sequential:  # n is n_max; the targets and the schedule's settings are recorded
-            spending = f"{schedule.DEFAULT_LAST_SHARE:g} of alpha at the last look, the rest evenly"
-            meta.update(mode="sequential", n_max=meta.pop("n"), radii=list(targets),
-                        first=schedule.DEFAULT_FIRST, growth=schedule.DEFAULT_GROWTH,
-                        futility=schedule.DEFAULT_FUTILITY, budget=schedule.DEFAULT_BUDGET,
-                        spending=spending)  # fmt: skip
+        if sequential:
+            record_sequential(meta, targets)
         seq = {"seq": radii or "default"} if sequential else {}  # its own default directory
         where = default_output_dir("certify", who["name"], split, n=n, sigma=meta["sigma"],
                                    k=top_k, **seq)  # fmt: skip

@@ -19,7 +19,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from certify.commands.countfile import format_radius
 from certify.commands.outputs import RunOutput, part_line
-from certify.math.validation import UsageError, check_alpha, check_seed, check_sigma
+from certify.commands.report import DEFAULT_RADII
+from certify.math import sequential as schedule
+from certify.math.validation import UsageError, check_alpha, check_radii, check_seed, check_sigma
 from certify.sampling.options import AUTOCAST_DTYPES
 from certify.sampling.smoothing import SmoothedClassifier
 
@@ -54,6 +56,23 @@ def check_options(model, datamodule, alpha, seed, sigma, output_dir) -> None:
         raise UsageError("no datamodule: pass --data (or a config with one)")
     if getattr(model, "net", None) is None:
         raise UsageError(f"the model {type(model).__name__} has no `net` to smooth")
+
+
+def sequential_targets(sequential: bool, radii, fixed: str) -> tuple[float, ...] | None:
+    """The targets of a sequential run (default: the report's radii); ``None`` for a fixed-n
+    run, which refuses ``radii`` (``fixed`` says what it does instead)."""
+    if radii is not None and not sequential:
+        raise UsageError(f"--radii sets the targets of --sequential true; {fixed}")
+    return check_radii(DEFAULT_RADII if radii is None else radii) if sequential else None
+
+
+def record_sequential(meta: dict, targets: tuple[float, ...]) -> None:
+    """In the settings file: ``n`` is ``n_max``; the targets and the schedule's settings."""
+    spending = f"{schedule.DEFAULT_LAST_SHARE:g} of alpha at the last look, the rest evenly"
+    meta.update(mode="sequential", n_max=meta.pop("n"), radii=list(targets),
+                first=schedule.DEFAULT_FIRST, growth=schedule.DEFAULT_GROWTH,
+                futility=schedule.DEFAULT_FUTILITY, budget=schedule.DEFAULT_BUDGET,
+                spending=spending)  # fmt: skip
 
 
 def split_dataset(datamodule: pl.LightningDataModule, split: str) -> Dataset:

@@ -303,6 +303,27 @@ class SmoothedClassifier:
         chosen, radii = certified_prediction(selection, counts, k, self.sigma, alpha)
         return (chosen, radii, selection, counts) if return_counts else (chosen, radii)
 
+    def _rounds(self, x, ids, n_max, first, growth, batch_size, seed, purpose):
+        """The looks (in whole noise chunks) and ``draw(m, active)`` for ``certify_sequential``:
+        each round continues every active stream where the last stopped, so counts equal one
+        longer call's."""
+        chunk = noise_chunk(self.device, x.shape[1:])
+        schedule = look_schedule(n_max, first, growth, multiple=chunk)
+        drawn = [0]  # samples of each active stream drawn so far
+
+        def draw(m: int, active: torch.Tensor) -> torch.Tensor:
+            counts = torch.zeros(x.shape[0], self.num_classes, dtype=torch.int64)  # (B, c)
+            rows = active.nonzero().flatten().tolist()
+            if rows:
+                chosen = [ids[i] for i in rows]
+                counts[rows] = self._counts(
+                    x[rows], m, batch_size, seed, chosen, purpose, drawn[0]
+                ).cpu()
+            drawn[0] += m
+            return counts
+
+        return schedule, draw
+
     def predict_sequential(
         self, x: torch.Tensor, k: int, n0: int, radii: Sequence[float], n_max: int,
         alpha: float, batch_size: int | None = None, seed: int | None = None,
@@ -319,22 +340,8 @@ class SmoothedClassifier:
         x, ids, seed = self._check(x, seed, example_ids, n0=n0, n_max=n_max, batch_size=batch_size)
         (k,) = check_top_k(k, self.num_classes)
         check_alpha(alpha)
-        chunk = noise_chunk(self.device, x.shape[1:])
-        schedule = look_schedule(n_max, first, growth, multiple=chunk)
         selection = self._counts(x, n0, batch_size, seed, ids, "selection").cpu()  # (B, c)
-        drawn = [0]  # samples of each active stream drawn so far
-
-        def draw(m: int, active: torch.Tensor) -> torch.Tensor:
-            counts = torch.zeros(x.shape[0], self.num_classes, dtype=torch.int64)  # (B, c)
-            rows = active.nonzero().flatten().tolist()
-            if rows:
-                chosen = [ids[i] for i in rows]
-                counts[rows] = self._counts(
-                    x[rows], m, batch_size, seed, chosen, "certify", drawn[0]
-                ).cpu()
-            drawn[0] += m
-            return counts
-
+        schedule, draw = self._rounds(x, ids, n_max, first, growth, batch_size, seed, "certify")
         labels, radius, samples, counts = sequential_prediction(
             selection, draw, k, self.sigma, alpha, radii, n_max,
             schedule=schedule, futility=futility, budget=budget,
@@ -355,21 +362,7 @@ class SmoothedClassifier:
         x, ids, seed = self._check(x, seed, example_ids, n_max=n_max, batch_size=batch_size)
         labels = check_labels(labels, x.shape[0], self.num_classes)  # (B,)
         check_purpose(purpose)
-        chunk = noise_chunk(self.device, x.shape[1:])
-        schedule = look_schedule(n_max, first, growth, multiple=chunk)
-        drawn = [0]  # samples of each active stream drawn so far
-
-        def draw(m: int, active: torch.Tensor) -> torch.Tensor:
-            counts = torch.zeros(x.shape[0], self.num_classes, dtype=torch.int64)  # (B, c)
-            rows = active.nonzero().flatten().tolist()
-            if rows:
-                chosen = [ids[i] for i in rows]
-                counts[rows] = self._counts(
-                    x[rows], m, batch_size, seed, chosen, purpose, drawn[0]
-                ).cpu()
-            drawn[0] += m
-            return counts
-
+        schedule, draw = self._rounds(x, ids, n_max, first, growth, batch_size, seed, purpose)
         return certify_sequential(
             draw, labels, top_k, self.sigma, alpha, radii, n_max,
             num_classes=self.num_classes, schedule=schedule, futility=futility, budget=budget,
