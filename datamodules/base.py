@@ -85,6 +85,9 @@ class ImageClassificationDataModule(LightningDataModule):
     def _evaluation_loader(self, dataset: Dataset) -> DataLoader:
         """Lightning keeps a loader's own DistributedSampler: this one does not pad."""
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and len(dataset) < (world := torch.distributed.get_world_size()):
+            raise UsageError(f"{len(dataset)} evaluation examples for {world} processes: every "
+                             "process needs at least one (use fewer devices)")  # fmt: skip
         sampler = UnrepeatedDistributedSampler(dataset, shuffle=False) if distributed else None
         return self._loader(Indexed(dataset), sampler=sampler)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
@@ -26,6 +27,7 @@ from lightning_modules.module import NoisyClassifier
 
 LINKED_FROM_DATA = ("num_classes", "mean", "std", "data_kind")  # from the datamodule into the model
 USER_ERRORS = (ValueError, OSError, MisconfigurationException)  # a bad value, path or device
+FIT_FOLDER = "TOPK_SMOOTHING_FIT_FOLDER"  # a logger-less fit's folder, for its DDP processes
 
 
 def one_line(error: BaseException | str) -> str:
@@ -87,6 +89,28 @@ def prepare_wandb(loggers: list) -> None:
             if logger._wandb_init.get("anonymous") is None:
                 logger._wandb_init.pop("anonymous", None)
             Path(logger.save_dir or ".").mkdir(parents=True, exist_ok=True)
+
+
+def has_wandb_key(init: Namespace) -> bool:
+    """Whether a ``WandbLogger``'s run can start as configured: offline, or an API key found
+    (the environment, netrc, W&B's settings; no network asked). Online without a key, W&B
+    would stop the command with a traceback once the run starts."""
+    offline = ("offline", "dryrun", "disabled")
+    if init.get("offline") or init.get("mode") in offline:
+        return True
+    import wandb
+    from wandb.sdk import wandb_setup
+
+    settings = wandb_setup.singleton().settings  # the environment and the settings files
+    if settings.mode in offline:
+        return True
+    try:
+        from wandb.sdk.lib import wbauth
+    except ImportError:  # W&B before its wbauth module: its internal API's own lookup
+        return bool(getattr(getattr(wandb, "api", None), "api_key", None))
+    host = wbauth.HostUrl(settings.base_url, app_url=settings.app_url)
+    return bool(wbauth.authenticate_session(host=host, source="topk-smoothing", prompt=False,
+                                            update_session=False))  # fmt: skip
 
 
 class ConfigToLoggers(SaveConfigCallback):
@@ -182,31 +206,15 @@ class TopkLightningCLI(LightningCLI):
         if self.ckpt_path is not None:
             self.config[self.config.subcommand].ckpt_path = self.ckpt_path
         loggers = self._get(self.config, "trainer").get("logger")
+        self.offline = []  # the W&B loggers' save_dir, in order, that log offline for want of a key
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             init = getattr(logger, "init_args", None)
             if init is not None and str(logger.class_path).endswith("WandbLogger"):
-                self.offline_without_key(init)
-
-    def offline_without_key(self, init: Namespace) -> None:
-        """A W&B logger that would log online with no API key found logs offline, with a note
-        (W&B would stop the command with a traceback once the run starts)."""
-        offline = ("offline", "dryrun", "disabled")
-        if init.get("offline") or init.get("mode") in offline:
-            return
-        from wandb.sdk import wandb_setup
-        from wandb.sdk.lib import wbauth
-
-        settings = wandb_setup.singleton().settings  # the environment and the settings files
-        if settings.mode in offline:
-            return
-        host = wbauth.HostUrl(settings.base_url, app_url=settings.app_url)
-        if wbauth.authenticate_session(host=host, source="topk-smoothing", prompt=False,
-                                       update_session=False):  # fmt: skip
-            return  # an API key (the environment, netrc, settings): no network asked
-        init.mode = "offline"  # an argument of wandb.init: W&B has read the environment above
-        save_dir = init.get("save_dir") or init.get("dir") or "."
-        self.notes.append("no W&B API key (`wandb login`): logging offline; upload later with "
-                          f"`wandb sync {save_dir}/wandb/offline-run-*`")  # fmt: skip
+                self.offline.append(None if has_wandb_key(init) else init.get("save_dir") or ".")
+        if any(folder is not None for folder in self.offline):
+            folder = next(folder for folder in self.offline if folder is not None)
+            self.notes.append("no W&B API key (`wandb login`): logging offline; upload later with "
+                              f"`wandb sync {folder}/wandb/offline-run-*`")  # fmt: skip
 
     def instantiate_classes(self) -> None:
         try:
@@ -230,27 +238,42 @@ class TopkLightningCLI(LightningCLI):
         if self.subcommand == "fit" and logger is not None and not logger:  # its own folder
             kwargs.setdefault("default_root_dir", self.fit_folder())
         trainer = super().instantiate_trainer(**kwargs)
+        wandb = [each for each in trainer.loggers if isinstance(each, WandbLogger)]
+        for each, folder in zip(wandb, self.offline, strict=False):
+            if folder is not None:  # wandb.init's argument; the saved config is left as it was
+                each._wandb_init["mode"] = "offline"
         unused = []
         if trainer.logger is None:  # nothing to log the learning rate to: it would stop the fit
             unused.append(LearningRateMonitor)
-        if self.subcommand in ("validate", "test"):  # nothing to save; restoring a checkpoint's
-            unused.append(ModelCheckpoint)  # state into them only warns of another folder
+        if self.subcommand in ("validate", "test") and self.ckpt_path is not None:
+            unused.append(ModelCheckpoint)  # restoring a file's state into them only warns
         trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, tuple(unused))]
         return trainer
 
     def fit_folder(self) -> str:
-        """A logger-less fit's folder: ``<default_root_dir>/fit-<date>-<time>[-n]``, or the folder
-        of the checkpoint it resumes (``<folder>/checkpoints/last.ckpt``). Rank 0's is the one
-        used: ``ModelCheckpoint`` broadcasts its folder, the config is saved on rank 0."""
+        """A logger-less fit's folder: the folder of the checkpoint it resumes
+        (``<folder>/checkpoints/last.ckpt``); with ``ckpt_path`` ``last`` or ``hpc``, the latest
+        ``fit-*`` folder; in a SLURM job (requeued ones too), ``fit-slurm<job id>``; else a new
+        ``<default_root_dir>/fit-<date>-<time>[-n]``. The processes that DDP launches from this
+        one read it from the environment variable ``FIT_FOLDER`` names."""
         resumed = Path(self.ckpt_path or ".").parent
         if resumed.name == "checkpoints":
             return str(resumed.parent)
+        if os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get(FIT_FOLDER):
+            return os.environ[FIT_FOLDER]  # a process that rank 0 launched
         root = Path(self.config_init.fit.trainer.get("default_root_dir") or ".")
-        stamp = time.strftime("fit-%Y%m%d-%H%M%S")
-        folder, n = root / stamp, 0
-        while folder.exists():
-            n += 1
-            folder = root / f"{stamp}-{n}"
+        earlier = [each for each in root.glob("fit-*") if each.is_dir()]
+        if job := os.environ.get("SLURM_JOB_ID"):
+            folder = root / f"fit-slurm{job}"
+        elif self.config.fit.get("ckpt_path") in ("last", "hpc") and earlier:
+            folder = max(earlier, key=lambda each: each.stat().st_mtime)
+        else:
+            stamp = time.strftime("fit-%Y%m%d-%H%M%S")
+            folder, n = root / stamp, 0
+            while folder.exists():
+                n += 1
+                folder = root / f"{stamp}-{n}"
+        os.environ[FIT_FOLDER] = str(folder)
         return str(folder)
 
     def check_before_run(self, stage: str) -> None:

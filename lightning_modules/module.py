@@ -108,7 +108,8 @@ class NoisyClassifier(LightningModule):
         top = {f"acc_top{k}": MulticlassAccuracy(num_classes, k, "micro") for k in self.top_k}
         self.val_metrics = MetricCollection(top, prefix="val/")
         self.test_metrics = self.val_metrics.clone(prefix="test/")
-        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()  # over examples, all ranks
+        # over examples and processes; a NaN loss stays NaN (a diverged model shows)
+        self.val_loss, self.test_loss = (MeanMetric(nan_strategy="disable") for _ in range(2))
         self._noise, self._resume_rng = {}, None  # stream -> torch.Generator; states to resume
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -81,6 +81,8 @@ def test_an_online_logger_without_an_api_key_logs_offline_and_says_so(tmp_path):
     assert done.stderr.index(notes[0]) < done.stderr.index("wandb: Tracking run")
     folder, _ = closing_line(done.stdout)
     assert list((tmp_path / "runs" / "wandb").glob(f"offline-run-*-{folder.name}/run-*.wandb"))
+    saved = (tmp_path / folder / "config.yaml").read_text()  # as given: online after a login
+    assert "offline: false" in saved and "mode: offline" not in saved
 
 
 def test_fits_without_a_logger_get_a_folder_each_and_a_resumed_fit_keeps_its_own(isolated_run):
@@ -105,6 +107,13 @@ def test_fits_without_a_logger_get_a_folder_each_and_a_resumed_fit_keeps_its_own
     assert sorted(Path("runs").iterdir()) == sorted(folders)
     assert torch.load(last, weights_only=True)["epoch"] == 1
 
+    os.utime(folders[1])  # Lightning's keyword `last`: the latest fit continues, in its folder
+    code, out, err = console(*args, "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    assert code == 0, err[-3000:]
+    assert closing_line(out)[0] == folders[1]
+    assert sorted(Path("runs").iterdir()) == sorted(folders)
+    assert torch.load(folders[1] / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+
 
 def test_certify_and_predict_write_their_output_directory_and_one_named_wandb_run(
     isolated_run, digits_checkpoint
@@ -119,11 +128,25 @@ def test_certify_and_predict_write_their_output_directory_and_one_named_wandb_ru
     assert sorted(p.name for p in Path("runs").iterdir()) == ["certify", "predict", "wandb"]
     (certified,) = Path("runs", "certify").iterdir()
     assert len(list(Path("runs", "predict").iterdir())) == 1
-    (run_file,) = Path("runs", "wandb").glob("offline-run-*/run-*.wandb")
+    assert wandb_runs() == [(f"certify {certified.name}", "certify")]
+
+    (certified / "certify.tsv").unlink()  # a rerun that only merges the finished examples
+    code, out, err = console("certify", *common, "--n", "100")
+    assert code == 0 and "already in" in out, err[-3000:]
+    assert wandb_runs() == [(f"certify {certified.name}", "certify")] * 2  # its report too
+
+
+def wandb_runs() -> list[tuple[str, str]]:
+    """(name, job type) of each W&B run under ``runs/wandb`` that logged a history row."""
     runs = []
-    for raw in _raw_records(run_file.read_bytes()):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(raw)
-        if record.WhichOneof("record_type") == "run":
-            runs.append((record.run.display_name, record.run.job_type))
-    assert set(runs) == {(f"certify {certified.name}", "certify")}
+    for run_file in sorted(Path("runs", "wandb").glob("offline-run-*/run-*.wandb")):
+        kinds, name = set(), None
+        for raw in _raw_records(run_file.read_bytes()):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(raw)
+            kinds.add(kind := record.WhichOneof("record_type"))
+            if kind == "run":
+                name = (record.run.display_name, record.run.job_type)
+        if "history" in kinds:
+            runs.append(name)
+    return runs

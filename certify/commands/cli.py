@@ -11,17 +11,16 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import pytorch_lightning as pl
 from jsonargparse import ArgumentError
-from pytorch_lightning.loggers import WandbLogger
 
 from certify.commands.checkpoints import network_state, read_checkpoint
 from certify.commands.countfile import format_radius, read_counts, write_atomic
 from certify.commands.report import configure_report, run_report
 from certify.commands.runner import CertifyingTrainer
+from certify.commands.task import LoggersWhenSampling
 from certify.math.radius import certified_radius
 from certify.math.validation import UsageError
-from lightning_modules.cli import SafeTrainer, TopkLightningCLI, innermost, one_line, prepare_wandb
+from lightning_modules.cli import SafeTrainer, TopkLightningCLI, innermost, one_line
 
 #: Modules not of this project (a ``warnings`` filter's ``module``, matched at the start).
 THIRD_PARTY = r"(?!certify|lightning_modules|datamodules)"
@@ -34,23 +33,6 @@ DESCRIPTION = ("Certified top-k robustness by randomized smoothing. Lightning co
 
 class Trainer(CertifyingTrainer, SafeTrainer):
     """``SafeTrainer``'s ``fit``, ``validate``, ``test``; ``CertifyingTrainer``'s the others."""
-
-
-class LoggersWhenSampling(pl.Callback):
-    """A command's loggers, attached once sampling starts (Lightning starts a W&B run at setup):
-    a W&B run begins only when the command logs, named for the command and its output directory."""
-
-    def __init__(self, command: str, loggers: list) -> None:
-        self.command, self.loggers = command, loggers
-
-    def on_predict_start(self, trainer: pl.Trainer, task: pl.LightningModule) -> None:
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger):  # wandb.init's arguments, where not given
-                init = logger._wandb_init
-                init["name"] = init.get("name") or f"{self.command} {task.output.directory.name}"
-                init["job_type"] = init.get("job_type") or self.command
-        prepare_wandb(self.loggers)
-        trainer.loggers = self.loggers
 
 
 class SmoothingCLI(TopkLightningCLI):
@@ -152,10 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             lightning.addFilter(no_advert)
             if command in SMOOTHING_COMMANDS:
                 lightning.setLevel(logging.WARNING)
-            for category in (DeprecationWarning, FutureWarning):  # the libraries' own business
-                warnings.filterwarnings("ignore", category=category, module=THIRD_PARTY)
             callers = getattr(sys.modules.get("wandb"), "run", None)  # left as it is
-            SmoothingCLI(args=argv)
+            with warnings.catch_warnings():  # for this command only; -W / PYTHONWARNINGS rule
+                for category in () if sys.warnoptions else (DeprecationWarning, FutureWarning):
+                    warnings.filterwarnings("ignore", category=category, module=THIRD_PARTY)
+                SmoothingCLI(args=argv)
             if (wandb := sys.modules.get("wandb")) is not None and wandb.run not in (None, callers):
                 wandb.finish()  # the command's run, now: at exit W&B abandons pending requests
             return 0

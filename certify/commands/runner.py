@@ -23,6 +23,7 @@ from certify.commands.outputs import RunOutput, data_identity
 from certify.commands.predict import predict
 from certify.commands.report import log_to_wandb, write_report
 from certify.commands.task import (
+    LoggersWhenSampling,
     SamplingTask,
     check_options,
     default_output_dir,
@@ -237,7 +238,9 @@ class CertifyingTrainer(pl.Trainer):
                     task.bar.close()
                 if task.progress:
                     bar.enable()
-        elif self.is_global_zero:
+        elif self.is_global_zero:  # the loggers a sampling run would have attached
+            for callback in [c for c in self.callbacks if isinstance(c, LoggersWhenSampling)]:
+                callback.on_predict_start(self, task)
             task.merge()
         return (where / result).is_file()
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Dataset
 
@@ -24,6 +25,7 @@ from certify.math import sequential as schedule
 from certify.math.validation import UsageError, check_alpha, check_radii, check_seed, check_sigma
 from certify.sampling.options import AUTOCAST_DTYPES
 from certify.sampling.smoothing import SmoothedClassifier
+from lightning_modules.cli import prepare_wandb
 
 
 def safe(name: str) -> str:
@@ -82,6 +84,24 @@ def split_dataset(datamodule: pl.LightningDataModule, split: str) -> Dataset:
     if dataset is None or len(dataset) == 0:
         raise UsageError(f"the datamodule has no {split} examples")
     return dataset
+
+
+class LoggersWhenSampling(pl.Callback):
+    """A command's loggers, attached once sampling starts or the finished parts are merged
+    (Lightning would start a W&B run at setup): a W&B run begins only when the command logs,
+    named for the command and its output directory."""
+
+    def __init__(self, command: str, loggers: list) -> None:
+        self.command, self.loggers = command, loggers
+
+    def on_predict_start(self, trainer: pl.Trainer, task: pl.LightningModule) -> None:
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):  # wandb.init's arguments, where not given
+                init = logger._wandb_init
+                init["name"] = init.get("name") or f"{self.command} {task.output.directory.name}"
+                init["job_type"] = init.get("job_type") or self.command
+        prepare_wandb(self.loggers)
+        trainer.loggers = self.loggers
 
 
 class SamplingTask(pl.LightningModule):
