@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from jsonargparse import ArgumentError, Namespace
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -117,13 +117,14 @@ class ConfigToLoggers(SaveConfigCallback):
     """``config.yaml`` next to ``checkpoints/``; to the loggers, the config the model resolved."""
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        folder = run_folder(trainer)
-        folder.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():  # skip_none: skip_unset from jsonargparse 4.49 on
             warnings.filterwarnings("ignore", message=r"\s*skip_none")
             config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
-            self.parser.save(self.config, folder / self.config_filename, skip_none=False,
-                             overwrite=True)  # fmt: skip
+            if stage == "fit":  # beside the checkpoints; validate and test only log it
+                folder = run_folder(trainer)
+                folder.mkdir(parents=True, exist_ok=True)
+                self.parser.save(self.config, folder / self.config_filename, skip_none=False,
+                                 overwrite=True)  # fmt: skip
         init_args = config.get("model", {}).get("init_args") or {}
         init_args.update({key: value for key, value in pl_module.hparams.items()  # resolved
                           if value is not None and (key in LINKED_FROM_DATA
@@ -245,8 +246,10 @@ class TopkLightningCLI(LightningCLI):
         unused = []
         if trainer.logger is None:  # nothing to log the learning rate to: it would stop the fit
             unused.append(LearningRateMonitor)
-        if self.subcommand in ("validate", "test") and self.ckpt_path is not None:
-            unused.append(ModelCheckpoint)  # restoring a file's state into them only warns
+        saved = self.checkpoint.get("callbacks", {}) if isinstance(self.checkpoint, dict) else {}
+        for callback in trainer.checkpoint_callbacks if self.subcommand != "fit" else []:
+            folder = saved.get(callback.state_key, {}).get("dirpath")  # saves nothing here:
+            callback.dirpath = folder or callback.dirpath  # its state restores without a warning
         trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, tuple(unused))]
         return trainer
 

@@ -64,7 +64,8 @@ def test_files_and_settings(sequential_run):
     report = (out / "report.md").read_text()
     assert f"sequential, n_max: {N_MAX}, mean samples: {samples.mean():.0f}" in report
     assert "| k | r = 0.25 | r = 0.5 | r = 0.75 | ACR |" in report
-    assert f"at most n = {N_MAX} samples per example, radii {TARGETS}" in stdout
+    radii = " ".join(f"{r:g}" for r in TARGETS)
+    assert f"at most n = {N_MAX} samples per example, target radii {radii}" in stdout
 
 
 def test_the_command_certifies_what_the_api_certifies(sequential_run, digits_checkpoint):

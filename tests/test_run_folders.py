@@ -5,6 +5,7 @@ directory only; W&B offline without an account; no warnings about our own settin
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,17 @@ def test_fits_without_a_logger_get_a_folder_each_and_a_resumed_fit_keeps_its_own
     assert closing_line(out)[0] == folders[1]
     assert sorted(Path("runs").iterdir()) == sorted(folders)
     assert torch.load(folders[1] / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+
+    before = sorted(Path("runs").rglob("*"))  # validate and test: they write nothing, and the
+    for command in ("validate", "test"):  # checkpoint's callbacks restore without a warning
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code, _, err = console(command, "--config", DIGITS, *QUIET, "--ckpt_path", last)
+        assert code == 0, err[-3000:]
+        about = [str(w.message) for w in caught if "ckpt_path" in str(w.message)
+                 or "dirpath" in str(w.message)]  # fmt: skip
+        assert not about, about
+    assert sorted(Path("runs").rglob("*")) == before
 
 
 def test_certify_and_predict_write_their_output_directory_and_one_named_wandb_run(

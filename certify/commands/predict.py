@@ -26,6 +26,7 @@ from certify.commands.task import (
     check_options,
     default_output_dir,
     record_sequential,
+    sequential_line,
     sequential_targets,
     split_dataset,
 )
@@ -132,7 +133,7 @@ def predict(
         print(f"{line}; wrote {files} to {output.directory}")
 
     if sequential and self.is_global_zero:
-        print(f"predict: sequential, at most n = {n} samples per example, radii {targets}")
+        print(sequential_line("predict", n, targets))
     per_step = 64 if sequential else max(1, min(64, (batch_size or 2048) // n))
     task = SamplingTask("predict", output, dataset, step, finish, per_step, batch_size)
     inputs = f"images in {images}" if images is not None else f"{split} split"

@@ -28,6 +28,7 @@ from certify.commands.task import (
     check_options,
     default_output_dir,
     record_sequential,
+    sequential_line,
     sequential_targets,
     split_dataset,
 )
@@ -138,7 +139,7 @@ class CertifyingTrainer(pl.Trainer):
             )
 
         if self.is_global_zero and sequential:
-            print(f"certify: sequential, at most n = {n} samples per example, radii {targets}")
+            print(sequential_line("certify", n, targets))
         per_step = 64 if sequential else max(1, min(64, (batch_size or 2048) // n))
         task = SamplingTask("certify", output, split_dataset(datamodule, split), step, finish,
                             per_step, batch_size)  # fmt: skip

@@ -77,6 +77,11 @@ def record_sequential(meta: dict, targets: tuple[float, ...]) -> None:
                 spending=spending)  # fmt: skip
 
 
+def sequential_line(command: str, n: int, targets: tuple[float, ...]) -> str:
+    radii = " ".join(f"{r:g}" for r in targets)
+    return f"{command}: sequential, at most n = {n} samples per example, target radii {radii}"
+
+
 def split_dataset(datamodule: pl.LightningDataModule, split: str) -> Dataset:
     """The ``test`` or ``val`` split of ``datamodule``, set up; an empty one is refused."""
     datamodule.setup("test" if split == "test" else "validate")
@@ -148,7 +153,7 @@ class SamplingTask(pl.LightningModule):
             world = self.trainer.world_size
             name = self.command if world == 1 else f"{self.command}, process 0 of {world}"
             total = len(range(0, self.pending, world))
-            self.bar = tqdm(total=total, desc=name, unit="example", leave=False, dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=name, unit="example", dynamic_ncols=True)
 
     def on_predict_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         if self.trainer.received_sigterm:  # Lightning's predict loop would carry on
