@@ -31,6 +31,7 @@ from certify.commands.task import (
     split_dataset,
 )
 from certify.math.validation import UsageError, check_top_k
+from certify.training.metric import plural
 
 ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})  # a file name
 
@@ -150,7 +151,7 @@ def summary(rows: list[list[str]], k: int, split: bool, sequential: bool = False
     radii = np.array([f[2 + k : 2 + 2 * k] for f in rows], dtype=np.float64)  # (N, k)
     certified = ~np.isnan(radii)  # (N, k)
     total, answered, first = len(rows), int(certified.any(axis=1).sum()), certified[:, 0]
-    line = f"predict: {total} example{'s' * (total != 1)}, {answered} answered"
+    line = f"predict: {plural(total, 'example')}, {answered} answered"
     if answered < total:
         line += f", {total - answered} abstained: no label certified"
     line += f"; {int(certified.sum())} of {certified.size} labels certified, pred1 for "

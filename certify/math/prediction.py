@@ -34,6 +34,12 @@ def top_k_set(counts: torch.Tensor, k: int, alpha: float) -> torch.Tensor:
     return torch.where(separated[:, None], inside, torch.full_like(inside, -1))
 
 
+def _ranked(selection: np.ndarray, k: int) -> torch.Tensor:
+    """The k labels with the most selection counts ``(B, k)``, ties by label: a fixed function
+    of the selection sample."""
+    return torch.from_numpy(selection).sort(dim=1, descending=True, stable=True).indices[:, :k]
+
+
 def bound_level(alpha: float, num_classes: int, k: int) -> float:
     """The level of each one-sided bound of ``certified_prediction``: alpha over the number of
     bounds used, ``c`` for k = 1 and ``c + k`` for k >= 2 (the set's labels need upper bounds)."""
@@ -76,8 +82,7 @@ def certified_prediction(
         raise UsageError(
             f"counts must have the selection counts' shape {selection.shape}, got {fresh.shape}"
         )
-    order = torch.from_numpy(selection).sort(dim=1, descending=True, stable=True).indices
-    labels = order[:, :k]  # (B, k): ties by label, a fixed function of the selection sample
+    labels = _ranked(selection, k)  # (B, k)
     chosen = labels.numpy()
     level = bound_level(alpha, num_classes, k)
     n = fresh.sum(axis=1, keepdims=True)  # (B, 1)
@@ -138,8 +143,7 @@ def sequential_prediction(
     batch, num_classes = selection.shape
     (k,) = check_top_k(k, num_classes)
     alpha = check_alpha(alpha)
-    order = torch.from_numpy(selection).sort(dim=1, descending=True, stable=True).indices
-    labels = order[:, :k]  # (B, k): as certified_prediction chooses them
+    labels = _ranked(selection, k)  # (B, k)
 
     def rows_draw(m: int, active: torch.Tensor) -> torch.Tensor:  # active (B * k,)
         counts = torch.as_tensor(to_numpy(draw(m, active.view(batch, k).any(dim=1))))  # (B, c)

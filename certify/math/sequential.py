@@ -180,21 +180,21 @@ def certify_sequential(
 
 
 def _certify_rounds(
-    draw, labels, top_k, sigma, targets, looks, levels, futility, budget=None, mixture=0.0
+    draw, labels, top_k, sigma, targets, looks, levels, futility, horizon=None, mixture=0.0
 ):
     """The rounds, with the levels given (the tests also run unsound levels here): Clopper-
     Pearson bounds at ``levels[j]`` at look j (0: none) and, after the first look, the mixture
     confidence sequence at level ``mixture`` (0: none), its prior the first look's counts.
 
     A target is pursued while optimistic bounds (level ``futility``) would certify it with
-    ``budget`` samples (default the last look), bounded as the last look bounds."""
+    ``horizon`` samples (default: the last look's), bounded as the last look bounds."""
     labels = np.asarray(labels)
     batch, targets = len(labels), np.asarray(targets, dtype=np.float64)
     active, samples = np.ones(batch, dtype=bool), np.zeros(batch, dtype=np.int64)
     certified = np.zeros((batch, len(top_k)), dtype=np.int64)  # targets certified, per k
     counts = p_lower = upper = None
     drawn = 0
-    horizon = looks[-1] if budget is None else min(budget, looks[-1])
+    horizon = looks[-1] if horizon is None else min(horizon, looks[-1])
     for j, n in enumerate(looks):
         new = _checked_draw(draw, n - drawn, active, batch, counts)  # (B, c)
         if counts is None:  # the first round tells c
@@ -209,7 +209,7 @@ def _certify_rounds(
         own = _lower(counts[rows, labels[rows]], n, level)  # (b,)
         p_lower[rows] = np.maximum(p_lower[rows], own)
         upper[rows] = np.minimum(upper[rows], _upper(counts[rows], n, level))  # (b, c)
-        if j == 0:
+        if mixture > 0 and j == 0:
             first, prior = counts.copy(), (counts + 0.5, n - counts + 0.5)  # (B, c) each
         elif mixture > 0:  # the sequence reads only the samples after the first look
             lower, up = mixture_bounds(
